@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Idempotent set-up: the project venv (.venv, Python 3.11) and the TPU-MLIR toolchain
+# environment (Python 3.10, outside the repo, reused across clones). Fast when done.
+#   BLIPC_TPU_MLIR=<dir>   use your own TPU-MLIR (a venv or install prefix with bin/model_deploy.py)
+#   BLIPC_CACHE=<dir>      where the toolchain environment lives (default ~/.cache/blipc)
+#   --no-tpu-mlir          skip the toolchain (SOPHGO targets are then reported as skipped)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TPU_MLIR_VERSION=1.30.2
+want_tpu=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-tpu-mlir) want_tpu=0 ;;
+    *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+find_python() {  # $1 = major.minor
+  local v=$1 p
+  for p in "python$v" "$HOME/.pyenv/versions/$v"*/bin/python; do
+    if command -v "$p" >/dev/null 2>&1 && "$p" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$v'.split('.'))))" 2>/dev/null; then
+      command -v "$p"; return 0
+    fi
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    p=$(pyenv root)/versions/$(pyenv versions --bare | grep -E "^$v(\.|$)" | tail -n1)/bin/python
+    [ -x "$p" ] && { echo "$p"; return 0; }
+  fi
+  return 1
+}
+
+stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+# --- project environment -------------------------------------------------------------
+main_stamp=$(stamp_of pyproject.toml bootstrap.sh)
+if [ "$(cat .venv/.bootstrap-stamp 2>/dev/null)" != "$main_stamp" ]; then
+  py=$(find_python 3.11) || { echo "bootstrap: Python 3.11 not found (install it, e.g. 'pyenv install 3.11')" >&2; exit 1; }
+  echo "bootstrap: creating .venv with $py"
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+  # torch first and pinned: 2.13.0 is the CPU build; letting a resolver pick would fetch CUDA.
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$main_stamp" > .venv/.bootstrap-stamp
+fi
+
+# --- TPU-MLIR toolchain environment -------------------------------------------------
+if [ "$want_tpu" = 1 ] && [ -z "${BLIPC_TPU_MLIR:-}" ]; then
+  cache=${BLIPC_CACHE:-$HOME/.cache/blipc}
+  env_dir=$cache/tpu-mlir-$TPU_MLIR_VERSION
+  tpu_stamp=$(stamp_of bootstrap.sh)
+  if [ "$(cat "$env_dir/.bootstrap-stamp" 2>/dev/null)" != "$tpu_stamp" ]; then
+    py310=$(find_python 3.10) || { echo "bootstrap: Python 3.10 not found; TPU-MLIR $TPU_MLIR_VERSION needs it ('pyenv install 3.10')" >&2; exit 1; }
+    echo "bootstrap: installing TPU-MLIR $TPU_MLIR_VERSION into $env_dir (several GB, a few minutes, once)"
+    # No stamp means absent or interrupted: start clean. The stamp is written last.
+    rm -rf "$env_dir"
+    mkdir -p "$cache"
+    "$py310" -m venv "$env_dir"
+    # tpu_mlir imports psutil, torch and pkg_resources (gone from setuptools >= 81) at top level.
+    "$env_dir/bin/pip" install -q "tpu_mlir[onnx]==$TPU_MLIR_VERSION" psutil torch
+    "$env_dir/bin/pip" install -q "setuptools<70" 2>&1 | grep -v "dependency conflicts\|requires setuptools\|dependency resolver" || true
+    # Its bundled glibc pieces break every tool on newer glibc hosts ("GLIBC_2.36 not found").
+    site=$("$env_dir/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    rm -f "$site/tpu_mlir/lib/third_party/"{libc.so.6,libm.so.6,libpthread.so.0}
+    echo "$tpu_stamp" > "$env_dir/.bootstrap-stamp"
+  fi
+fi

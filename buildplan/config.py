@@ -1,0 +1,297 @@
+"""Load and validate models.yaml before any work starts.
+
+Every user mistake becomes one ConfigError naming the file, the field path
+(e.g. `models[1].targets.bm1684.precisions[0]`), what is wrong and what is allowed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_PRECISIONS, backend_of
+from export.presets import ARCHS, TASKS
+from export.specs import GRAPHS, graphs_for_task
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# ATC flags the stage sets itself; users may not override them through extra_flags.
+ATC_MANAGED_FLAGS = ("--framework", "--model", "--output", "--input_format", "--input_shape",
+                     "--soc_version", "--log", "--dynamic_batch_size", "--precision_mode",
+                     "--op_precision_mode")
+
+
+class ConfigError(Exception):
+    def __init__(self, file: str, field: str, problem: str, fix: str = ""):
+        self.file, self.field, self.problem, self.fix = file, field, problem, fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = f"{self.file}: {self.field}" if self.field else self.file
+        msg = f"{where}: {self.problem}"
+        return msg + (f"\n  fix: {self.fix}" if self.fix else "")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    kind: str  # "synthetic" | "pth" | "hf_dir"
+    path: str | None = None  # absolute, for pth / hf_dir
+    preset: str | None = None  # synthetic
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    backend: str  # "tpu_mlir" | "atc"
+    graphs: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    precisions: tuple[str, ...] = ()  # tpu_mlir
+    simulate: bool = True  # tpu_mlir: validate on the cmodel
+    precision_mode: str | None = None  # atc
+    dynamic_batch: bool = False  # atc
+    extra_flags: dict = field(default_factory=dict)  # atc: graph -> [flags]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    task: str
+    checkpoint: Checkpoint
+    arch: str
+    image_size: int | None
+    graphs: tuple[str, ...]
+    targets: tuple[Target, ...]
+    calibration: dict
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str  # the yaml file, absolute
+    artifacts: str  # absolute artifacts root
+    models: tuple[Model, ...]
+    tpu_mlir_root: str | None  # user-provided TPU-MLIR (overrides the bootstrap environment)
+
+    def model(self, name: str) -> Model:
+        return next(m for m in self.models if m.name == name)
+
+    @property
+    def target_names(self) -> list[str]:
+        seen: list[str] = []
+        for m in self.models:
+            for t in m.targets:
+                if t.name not in seen:
+                    seen.append(t.name)
+        return seen
+
+
+class _Checker:
+    def __init__(self, file: str):
+        self.file = file
+
+    def fail(self, path: str, problem: str, fix: str = ""):
+        raise ConfigError(self.file, path, problem, fix)
+
+    def mapping(self, value, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {_kind(value)}", f"write it as `key: value` lines ({', '.join(allowed)})")
+        for key in value:
+            if key not in allowed:
+                self.fail(f"{path}.{key}" if path else str(key), "unknown key", f"allowed keys here: {', '.join(allowed)}")
+        for key in required:
+            if key not in value:
+                self.fail(f"{path}.{key}" if path else key, "is required but missing", f"add `{key}:`")
+        return value
+
+    def typed(self, value, path: str, kind: type, what: str):
+        # bool is an int in Python; a YAML `true` is never a valid number here.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(path, f"expected {what}, got {_kind(value)} {value!r}")
+        return value
+
+    def choice(self, value, path: str, allowed, what: str = "value"):
+        if value not in allowed:
+            self.fail(path, f"unknown {what} {value!r}", f"allowed: {', '.join(map(str, allowed))}")
+        return value
+
+    def str_list(self, value, path: str, allowed, what: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            self.fail(path, f"expected a non-empty list of {what}s, got {_kind(value)}", f"allowed: {', '.join(allowed)}")
+        seen = []
+        for i, item in enumerate(value):
+            self.choice(item, f"{path}[{i}]", allowed, what)
+            if item in seen:
+                self.fail(f"{path}[{i}]", f"duplicate {what} {item!r}", "list each once")
+            seen.append(item)
+        return tuple(seen)
+
+
+def _kind(value) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("BLIPC_CONFIG") or Path(__file__).resolve().parent.parent / "models.yaml")
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    path = Path(path or default_config_path()).resolve()
+    shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
+    if not path.is_file():
+        raise ConfigError(shown, "", "config file not found", "create it (see models.yaml) or pass config=FILE / BLIPC_CONFIG")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(shown, where, f"not valid YAML: {getattr(e, 'problem', e)}", "fix the YAML syntax") from None
+    return validate(raw, shown, path.parent)
+
+
+def validate(raw, file: str, base_dir: Path) -> Config:
+    c = _Checker(file)
+    top = c.mapping(raw, "", ("models", "artifacts", "toolchains"), ("models",))
+    artifacts = top.get("artifacts", "artifacts")
+    c.typed(artifacts, "artifacts", str, "a directory path")
+    tpu_root = None
+    if "toolchains" in top:
+        tc = c.mapping(top["toolchains"], "toolchains", ("tpu_mlir",))
+        if "tpu_mlir" in tc:
+            t = c.mapping(tc["tpu_mlir"], "toolchains.tpu_mlir", ("root",))
+            if t.get("root") is not None:
+                tpu_root = str((base_dir / c.typed(t["root"], "toolchains.tpu_mlir.root", str, "a directory path")).resolve())
+    models_raw = top["models"]
+    if not isinstance(models_raw, list) or not models_raw:
+        c.fail("models", f"expected a non-empty list of models, got {_kind(models_raw)}")
+    models, names = [], {}
+    for i, m in enumerate(models_raw):
+        model = _model(c, m, f"models[{i}]", base_dir)
+        if model.name in names:
+            c.fail(f"models[{i}].name", f"duplicate model name {model.name!r} (also models[{names[model.name]}])",
+                   "give every model a unique name")
+        names[model.name] = i
+        models.append(model)
+    return Config(str(base_dir / Path(file).name) if not os.path.isabs(file) else file,
+                  str((base_dir / artifacts).resolve()), tuple(models), tpu_root)
+
+
+def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
+    m = c.mapping(raw, path, ("name", "task", "checkpoint", "arch", "image_size", "graphs", "targets", "calibration"),
+                  ("name", "task", "checkpoint", "targets"))
+    name = c.typed(m["name"], f"{path}.name", str, "a string")
+    if not NAME_RE.match(name):
+        c.fail(f"{path}.name", f"{name!r} is not a safe artifact name (it would name files under artifacts/)",
+               "use letters, digits, '_' or '-' (at most 64, no '/', '.' or spaces)")
+    task = c.choice(m["task"], f"{path}.task", TASKS, "task")
+    ckpt, implied_arch = _checkpoint(c, m["checkpoint"], f"{path}.checkpoint", base_dir)
+    arch = m.get("arch", implied_arch or "base")
+    c.choice(arch, f"{path}.arch", tuple(ARCHS), "arch")
+    if implied_arch and arch != implied_arch:
+        c.fail(f"{path}.arch", f"{arch!r} contradicts the synthetic preset {implied_arch!r}", "drop `arch` or make them equal")
+    image_size = m.get("image_size")
+    if image_size is not None:
+        c.typed(image_size, f"{path}.image_size", int, "an integer")
+        patch = ARCHS[arch]["vision"]["patch"]
+        if image_size <= 0 or image_size % patch:
+            c.fail(f"{path}.image_size", f"{image_size} is not a positive multiple of the patch size {patch}")
+    task_graphs = graphs_for_task(task)
+    graphs = c.str_list(m.get("graphs", task_graphs), f"{path}.graphs", task_graphs, f"{task} graph")
+    targets_raw = m["targets"]
+    if not isinstance(targets_raw, dict) or not targets_raw:
+        c.fail(f"{path}.targets", f"expected a mapping of chip -> settings, got {_kind(targets_raw)}",
+               f"e.g. `bm1684x: {{precisions: [F32]}}`; chips: {', '.join(list(SOPHGO_PRECISIONS) + list(ASCEND_SOCS))}")
+    targets = tuple(_target(c, chip, spec, f"{path}.targets.{chip}", graphs) for chip, spec in targets_raw.items())
+    cal = c.mapping(m.get("calibration", {}), f"{path}.calibration", ("samples", "data"))
+    samples = c.typed(cal.get("samples", 8), f"{path}.calibration.samples", int, "an integer")
+    if not 1 <= samples <= 10000:
+        c.fail(f"{path}.calibration.samples", f"{samples} is out of range", "use 1..10000")
+    data = None
+    if cal.get("data") is not None:
+        data_path = base_dir / c.typed(cal["data"], f"{path}.calibration.data", str, "a directory path")
+        if not data_path.is_dir():
+            c.fail(f"{path}.calibration.data", f"directory {data_path} does not exist",
+                   "point it at a folder of .npz files, one per sample, keyed by the graph's input names")
+        data = str(data_path.resolve())
+    return Model(name, task, ckpt, arch, image_size, graphs, targets, {"samples": samples, "data": data})
+
+
+def _checkpoint(c: _Checker, raw, path: str, base_dir: Path) -> tuple[Checkpoint, str | None]:
+    if isinstance(raw, str):
+        raw = {"path": raw}
+    spec = c.mapping(raw, path, ("path", "synthetic", "seed"))
+    if ("path" in spec) == ("synthetic" in spec):
+        c.fail(path, "give exactly one of `path` or `synthetic`",
+               "e.g. `checkpoint: model_base_retrieval_coco.pth` or `checkpoint: {synthetic: tiny, seed: 0}`")
+    if "synthetic" in spec:
+        preset = c.choice(spec["synthetic"], f"{path}.synthetic", tuple(ARCHS), "synthetic preset")
+        seed = c.typed(spec.get("seed", 0), f"{path}.seed", int, "an integer")
+        return Checkpoint("synthetic", preset=preset, seed=seed), preset
+    if "seed" in spec:
+        c.fail(f"{path}.seed", "only synthetic checkpoints take a seed", "remove `seed`")
+    p = (base_dir / c.typed(spec["path"], f"{path}.path", str, "a file path")).resolve()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            c.fail(f"{path}.path", f"{p} is a directory without config.json",
+                   "point at a transformers save_pretrained() folder or at a BLIP .pth file")
+        return Checkpoint("hf_dir", path=str(p)), None
+    if not p.is_file():
+        c.fail(f"{path}.path", f"checkpoint file {p} does not exist",
+               "download it (e.g. model_base_retrieval_coco.pth from the BLIP release) or fix the path")
+    return Checkpoint("pth", path=str(p)), None
+
+
+def _target(c: _Checker, chip: str, raw, path: str, model_graphs: tuple[str, ...]) -> Target:
+    backend = backend_of(chip)
+    if backend is None:
+        c.fail(path, f"unknown chip {chip!r}",
+               f"allowed: {', '.join(SOPHGO_PRECISIONS)} (TPU-MLIR), {', '.join(ASCEND_SOCS)} (ATC)")
+    raw = {} if raw is None else raw
+    common = ("graphs", "batch_sizes")
+    allowed = common + (("precisions", "simulate") if backend == "tpu_mlir"
+                        else ("precision_mode", "dynamic_batch", "extra_flags"))
+    t = c.mapping(raw, path, allowed)
+    graphs = c.str_list(t.get("graphs", list(model_graphs)), f"{path}.graphs", model_graphs, "graph of this model")
+    bs_raw = t.get("batch_sizes", [1])
+    if not isinstance(bs_raw, list) or not bs_raw:
+        c.fail(f"{path}.batch_sizes", f"expected a non-empty list of integers, got {_kind(bs_raw)}")
+    batch_sizes = []
+    for i, bs in enumerate(bs_raw):
+        c.typed(bs, f"{path}.batch_sizes[{i}]", int, "an integer")
+        if not 1 <= bs <= 1024:
+            c.fail(f"{path}.batch_sizes[{i}]", f"batch size {bs} is out of range", "use 1..1024")
+        if bs in batch_sizes:
+            c.fail(f"{path}.batch_sizes[{i}]", f"duplicate batch size {bs}", "list each once")
+        batch_sizes.append(bs)
+    if backend == "tpu_mlir":
+        supported = SOPHGO_PRECISIONS[chip]
+        precisions = t.get("precisions", ["F32"])
+        if not isinstance(precisions, list) or not precisions:
+            c.fail(f"{path}.precisions", f"expected a non-empty list, got {_kind(precisions)}", f"allowed: {', '.join(supported)}")
+        for i, p in enumerate(precisions):
+            if p not in supported:
+                c.fail(f"{path}.precisions[{i}]", f"precision {p!r} is not supported by {chip}",
+                       f"allowed on {chip}: {', '.join(supported)}")
+        if len(set(precisions)) != len(precisions):
+            c.fail(f"{path}.precisions", "duplicate precision", "list each once")
+        simulate = c.typed(t.get("simulate", True), f"{path}.simulate", bool, "true or false")
+        return Target(chip, backend, graphs, tuple(batch_sizes), tuple(precisions), simulate=simulate)
+    mode = t.get("precision_mode")
+    if mode is not None:
+        c.choice(mode, f"{path}.precision_mode", ATC_PRECISION_MODES, "precision_mode")
+    dynamic = c.typed(t.get("dynamic_batch", False), f"{path}.dynamic_batch", bool, "true or false")
+    extra = c.mapping(t.get("extra_flags", {}), f"{path}.extra_flags", graphs)
+    for g, flags in extra.items():
+        fpath = f"{path}.extra_flags.{g}"
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            c.fail(fpath, f"expected a list of strings, got {_kind(flags)}", 'e.g. ["--op_select_implmode=high_performance"]')
+        for i, f in enumerate(flags):
+            if not re.match(r"^--[a-z_0-9]+=\S.*$", f):
+                c.fail(f"{fpath}[{i}]", f"{f!r} is not of the form --flag=value", "write each ATC flag as one --flag=value string")
+            if f.split("=", 1)[0] in ATC_MANAGED_FLAGS:
+                c.fail(f"{fpath}[{i}]", f"{f.split('=', 1)[0]} is set by the build itself",
+                       "use the target's own fields (precision_mode, dynamic_batch, batch_sizes) instead")
+    return Target(chip, backend, graphs, tuple(batch_sizes), precision_mode=mode, dynamic_batch=dynamic,
+                  extra_flags={g: tuple(v) for g, v in extra.items()})

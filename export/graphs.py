@@ -1,0 +1,148 @@
+"""The split graphs as torch modules over one loaded transformers BLIP model.
+
+Each builder returns an nn.Module whose forward takes the spec's inputs in order and returns
+its outputs in order. They share the loaded model's parameters: one load serves every graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.presets import ENC_ID, PAD_ID, SEP_ID
+
+# Large enough to never win an argmax, finite so compilers that saturate -inf stay exact.
+_BLOCKED = -1e9
+
+
+def _with_enc_token(ids: torch.Tensor) -> torch.Tensor:
+    # BLIP replaces [CLS] by [ENC] when the text encoder attends to the image.
+    return torch.cat([torch.full_like(ids[:, :1], ENC_ID), ids[:, 1:]], dim=1)
+
+
+class TextEmbed(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.text_encoder, self.text_proj = m.text_encoder, m.text_proj
+
+    def forward(self, text_ids, text_atten_mask):
+        h = self.text_encoder(input_ids=text_ids, attention_mask=text_atten_mask, return_dict=False)[0]
+        return F.normalize(self.text_proj(h[:, 0, :]), dim=-1)
+
+
+class ImageEmbed(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.vision_model, self.vision_proj = m.vision_model, m.vision_proj
+
+    def forward(self, pixel_values):
+        h = self.vision_model(pixel_values=pixel_values, return_dict=False)[0]
+        return F.normalize(self.vision_proj(h[:, 0, :]), dim=-1)
+
+
+class ImageFeat(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.vision_model = m.vision_model
+
+    def forward(self, pixel_values):
+        return self.vision_model(pixel_values=pixel_values, return_dict=False)[0]
+
+
+class ItmLogits(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.text_encoder, self.itm_head = m.text_encoder, m.itm_head
+
+    def forward(self, image_feat, text_ids, text_atten_mask):
+        image_mask = torch.ones(image_feat.shape[:-1], dtype=torch.long)
+        h = self.text_encoder(input_ids=_with_enc_token(text_ids), attention_mask=text_atten_mask,
+                              encoder_hidden_states=image_feat, encoder_attention_mask=image_mask,
+                              return_dict=False)[0]
+        return self.itm_head(h[:, 0, :])
+
+
+class ItmScore(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.image, self.itm = ImageFeat(m), ItmLogits(m)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        logits = self.itm(self.image(pixel_values), input_ids, attention_mask)
+        return torch.softmax(logits, dim=-1)[:, 1]
+
+
+def greedy_decode(decoder, prefix: torch.Tensor, encoder_states: torch.Tensor, max_length: int,
+                  min_length: int) -> torch.Tensor:
+    """transformers' greedy search, unrolled: EOS blocked below min_length, PAD after EOS."""
+    ids = prefix
+    encoder_mask = torch.ones(encoder_states.shape[:-1], dtype=torch.long)
+    done = torch.zeros_like(prefix[:, 0])
+    eos_block = torch.zeros(decoder.config.vocab_size)
+    eos_block[SEP_ID] = _BLOCKED
+    for _ in range(max_length - prefix.shape[1]):
+        logits = decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=encoder_states,
+                         encoder_attention_mask=encoder_mask, use_cache=False, logits_to_keep=1,
+                         return_dict=False)[0][:, -1, :]
+        if ids.shape[1] < min_length:
+            logits = logits + eos_block
+        token = torch.argmax(logits, dim=-1)
+        token = token * (1 - done) + PAD_ID * done
+        done = torch.maximum(done, (token == SEP_ID).long())
+        ids = torch.cat([ids, token[:, None]], dim=1)
+    return ids
+
+
+class Caption(nn.Module):
+    def __init__(self, m, dims):
+        super().__init__()
+        self.vision_model, self.text_decoder = m.vision_model, m.text_decoder
+        cap = dims["caption"]
+        self.register_buffer("prompt", torch.tensor([cap["prompt_ids"]], dtype=torch.long), persistent=False)
+        self.max_length, self.min_length = cap["max_length"], cap["min_length"]
+
+    def forward(self, pixel_values):
+        states = self.vision_model(pixel_values=pixel_values, return_dict=False)[0]
+        prefix = self.prompt.expand(pixel_values.shape[0], -1)
+        return greedy_decode(self.text_decoder, prefix, states, self.max_length, self.min_length)
+
+
+class VqaQuestion(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.text_encoder = m.text_encoder
+
+    def forward(self, image_embeds, input_ids, attention_mask):
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
+        return self.text_encoder(input_ids=_with_enc_token(input_ids), attention_mask=attention_mask,
+                                 encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                                 return_dict=False)[0]
+
+
+class VqaAnswer(nn.Module):
+    def __init__(self, m, dims):
+        super().__init__()
+        self.text_decoder = m.text_decoder
+        self.bos = m.decoder_start_token_id
+        self.max_length, self.min_length = dims["vqa_answer"]["max_length"], dims["vqa_answer"]["min_length"]
+
+    def forward(self, question_states):
+        prefix = torch.full((question_states.shape[0], 1), self.bos, dtype=torch.long)
+        return greedy_decode(self.text_decoder, prefix, question_states, self.max_length, self.min_length)
+
+
+BUILDERS = {
+    "text_embed": lambda m, d: TextEmbed(m),
+    "image_embed": lambda m, d: ImageEmbed(m),
+    "image_feat": lambda m, d: ImageFeat(m),
+    "itm_logits": lambda m, d: ItmLogits(m),
+    "itm_score": lambda m, d: ItmScore(m),
+    "caption": Caption,
+    "vqa_vision": lambda m, d: ImageFeat(m),
+    "vqa_question": lambda m, d: VqaQuestion(m),
+    "vqa_answer": VqaAnswer,
+}
+
+
+def build(spec, model, dims) -> nn.Module:
+    return BUILDERS[spec.builder](model, dims).eval()

@@ -1,0 +1,36 @@
+"""Deterministic sample inputs for a graph spec (numpy only; the compile stages use them too)."""
+from __future__ import annotations
+
+import numpy as np
+
+from export.presets import CLS_ID, PAD_ID, SEP_ID
+from export.specs import GraphSpec
+
+
+def make_inputs(spec: GraphSpec, dims: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One batch of plausible inputs. Text lengths vary per row so padding is exercised."""
+    rng = np.random.default_rng([seed, batch, sum(map(ord, spec.name))])
+    shapes = spec.shapes(dims, batch)
+    lengths = None
+    out: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        shape = shapes[t.name]
+        if t.sample == "image":
+            # ImageNet-normalised pixels of a random image span roughly [-2.1, 2.6].
+            out[t.name] = rng.uniform(-1.8, 2.2, size=shape).astype(np.float32)
+        elif t.sample in ("text_ids", "text_mask"):
+            if lengths is None:
+                lengths = rng.integers(max(3, shape[1] // 3), shape[1] + 1, size=shape[0])
+                lengths[0] = shape[1]  # one row always fills the whole window
+            if t.sample == "text_ids":
+                ids = rng.integers(1000, 30000, size=shape, dtype=np.int64)
+                ids[:, 0] = CLS_ID
+                for row, n in enumerate(lengths):
+                    ids[row, n - 1] = SEP_ID
+                    ids[row, n:] = PAD_ID
+                out[t.name] = ids
+            else:
+                out[t.name] = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        else:
+            out[t.name] = rng.standard_normal(size=shape).astype(np.float32)
+    return out

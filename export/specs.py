@@ -1,0 +1,152 @@
+"""Declarative specs of every split graph: names, shapes, dtypes, dynamic axes, samples.
+
+Like an exporter config: the export code builds the module named by `builder`, the plan
+reads shapes from here (no torch import), and samples are made by `export.samples`.
+Dimension symbols resolve against `export.presets.resolve_dims`:
+  B batch, S image size, N vision tokens, V vision hidden, T text hidden, L text length,
+  P projection, C caption length, A answer length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple  # ints or dimension symbols
+    dtype: str  # numpy dtype name
+    layout: str = "ND"  # what ATC's --input_format wants for this input
+    sample: str = "normal"  # generator in export.samples
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    task: str
+    builder: str  # factory in export.graphs
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int
+    batch_axis_name: str  # the name of the dynamic batch dimension in the raw export
+    atol: float  # allowed max-abs error of a float output (gates and compile validation)
+    description: str
+    atc_op_precision: str | None = None  # content of ATC's --op_precision_mode ini
+    discrete_outputs: bool = False  # token ids: compared exactly, not by tolerance
+    extra: dict = field(default_factory=dict)
+
+    def shapes(self, dims: dict, batch: int) -> dict[str, list[int]]:
+        return {t.name: resolve_shape(t.dims, dims, batch) for t in self.inputs}
+
+    def output_shapes(self, dims: dict, batch: int) -> dict[str, list[int]]:
+        return {t.name: resolve_shape(t.dims, dims, batch) for t in self.outputs}
+
+
+def _dim_values(dims: dict) -> dict:
+    return {
+        "S": dims["image_size"],
+        "N": dims["tokens"],
+        "V": dims["vision"]["hidden"],
+        "T": dims["text"]["hidden"],
+        "L": dims["text_len"],
+        "P": dims["projection"],
+        "C": dims["caption"]["max_length"],
+        "A": dims["vqa_answer"]["max_length"],
+    }
+
+
+def resolve_shape(symbols: tuple, dims: dict, batch: int | None) -> list:
+    """Concrete shape; with batch=None the batch dim stays the string 'B' (dynamic)."""
+    values = _dim_values(dims)
+    out = []
+    for s in symbols:
+        if s == "B":
+            out.append("B" if batch is None else batch)
+        elif isinstance(s, str):
+            out.append(values[s])
+        else:
+            out.append(s)
+    return out
+
+
+_IMAGE = lambda name: TensorSpec(name, ("B", 3, "S", "S"), "float32", "NCHW", "image")  # noqa: E731
+_IDS = lambda name: TensorSpec(name, ("B", "L"), "int64", "ND", "text_ids")  # noqa: E731
+_MASK = lambda name: TensorSpec(name, ("B", "L"), "int64", "ND", "text_mask")  # noqa: E731
+
+GRAPHS: dict[str, GraphSpec] = {
+    g.name: g
+    for g in (
+        # Ascend seed (retrieval): three graphs, opset 11, outputs under their documented names.
+        GraphSpec(
+            "BLIP_text", "retrieval", "text_embed",
+            (_IDS("text_ids"), _MASK("text_atten_mask")),
+            (TensorSpec("text_embed", ("B", "P"), "float32"),),
+            opset=11, batch_axis_name="batch", atol=1e-4,
+            description="text-only BERT, [CLS] -> text_proj -> L2 normalize",
+            atc_op_precision="Gelu=high_performance\n",
+        ),
+        GraphSpec(
+            "BLIP_image", "retrieval", "image_embed",
+            (_IMAGE("input_image"),),
+            (TensorSpec("image_embed", ("B", "P"), "float32"),),
+            opset=11, batch_axis_name="batch", atol=1e-4,
+            description="ViT [CLS] -> vision_proj -> L2 normalize",
+        ),
+        GraphSpec(
+            "BLIP_image_feat", "retrieval", "image_feat",
+            (_IMAGE("input_image"),),
+            (TensorSpec("image_feat", ("B", "N", "V"), "float32"),),
+            opset=11, batch_axis_name="batch", atol=1e-3,
+            description="ViT last hidden state (all tokens)",
+        ),
+        GraphSpec(
+            "BLIP_itm", "retrieval", "itm_logits",
+            (TensorSpec("image_feat", ("B", "N", "V"), "float32"), _IDS("text_ids"), _MASK("text_atten_mask")),
+            (TensorSpec("itm_logits", ("B", 2), "float32"),),
+            opset=11, batch_axis_name="batch", atol=1e-3,
+            description="ITM re-rank head on device: [ENC]-text x image_feat cross-attention -> itm_head",
+        ),
+        # SOPHGO seed: opset 13, batch axis named batch_size.
+        GraphSpec(
+            "blip_itm", "retrieval", "itm_score",
+            (_IMAGE("pixel_values"), _IDS("input_ids"), _MASK("attention_mask")),
+            (TensorSpec("itm_score", ("B",), "float32"),),
+            opset=13, batch_axis_name="batch_size", atol=1e-4,
+            description="image-text match probability softmax(itm_head)[:, 1]",
+        ),
+        GraphSpec(
+            "blip_cap", "captioning", "caption",
+            (_IMAGE("pixel_values"),),
+            (TensorSpec("caption_ids", ("B", "C"), "int64"),),
+            opset=13, batch_axis_name="batch_size", atol=0.0,
+            description="greedy caption with prompt 'a picture of ', unrolled",
+            discrete_outputs=True,
+        ),
+        GraphSpec(
+            "blip_vqa_venc", "vqa", "vqa_vision",
+            (_IMAGE("pixel_values"),),
+            (TensorSpec("image_embeds", ("B", "N", "V"), "float32"),),
+            opset=13, batch_axis_name="batch_size", atol=1e-3,
+            description="VQA ViT encoder",
+        ),
+        GraphSpec(
+            "blip_vqa_tenc", "vqa", "vqa_question",
+            (TensorSpec("image_embeds", ("B", "N", "V"), "float32"), _IDS("input_ids"), _MASK("attention_mask")),
+            (TensorSpec("question_states", ("B", "L", "T"), "float32"),),
+            opset=13, batch_axis_name="batch_size", atol=1e-3,
+            description="question encoder with cross-attention over the image",
+        ),
+        GraphSpec(
+            "blip_vqa_tdec", "vqa", "vqa_answer",
+            (TensorSpec("question_states", ("B", "L", "T"), "float32"),),
+            (TensorSpec("answer_ids", ("B", "A"), "int64"),),
+            opset=13, batch_axis_name="batch_size", atol=0.0,
+            description="greedy answer decoder from [DEC], unrolled",
+            discrete_outputs=True,
+        ),
+    )
+}
+
+
+def graphs_for_task(task: str) -> list[str]:
+    return [name for name, g in GRAPHS.items() if g.task == task]
