@@ -5,6 +5,7 @@ its outputs in order. They share the loaded model's parameters: one load serves 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +14,21 @@ from export.presets import ENC_ID, PAD_ID, SEP_ID
 
 # Large enough to never win an argmax, finite so compilers that saturate -inf stay exact.
 _BLOCKED = -1e9
+_MASKED = -1e4
+
+
+def padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 0/1 mask -> [B, 1, 1, L] additive float mask.
+
+    Prepared 4D masks pass through transformers untouched; its own mask builder emits
+    boolean And/Where chains that TPU-MLIR cannot lower. exp(-1e4) is 0 in float32.
+    """
+    return (1.0 - mask[:, None, None, :].to(torch.float32)) * _MASKED
+
+
+def causal_mask(length: int) -> torch.Tensor:
+    # Built in numpy so the tracer records a constant, not a Trilu op (which needs opset 14).
+    return torch.from_numpy(np.triu(np.full((length, length), _MASKED, dtype=np.float32), 1)[None, None])
 
 
 def _with_enc_token(ids: torch.Tensor) -> torch.Tensor:
@@ -26,7 +42,7 @@ class TextEmbed(nn.Module):
         self.text_encoder, self.text_proj = m.text_encoder, m.text_proj
 
     def forward(self, text_ids, text_atten_mask):
-        h = self.text_encoder(input_ids=text_ids, attention_mask=text_atten_mask, return_dict=False)[0]
+        h = self.text_encoder(input_ids=text_ids, attention_mask=padding_mask(text_atten_mask), return_dict=False)[0]
         return F.normalize(self.text_proj(h[:, 0, :]), dim=-1)
 
 
@@ -55,10 +71,9 @@ class ItmLogits(nn.Module):
         self.text_encoder, self.itm_head = m.text_encoder, m.itm_head
 
     def forward(self, image_feat, text_ids, text_atten_mask):
-        image_mask = torch.ones(image_feat.shape[:-1], dtype=torch.long)
-        h = self.text_encoder(input_ids=_with_enc_token(text_ids), attention_mask=text_atten_mask,
-                              encoder_hidden_states=image_feat, encoder_attention_mask=image_mask,
-                              return_dict=False)[0]
+        # Every image token is valid: no encoder mask at all (transformers then attends to all).
+        h = self.text_encoder(input_ids=_with_enc_token(text_ids), attention_mask=padding_mask(text_atten_mask),
+                              encoder_hidden_states=image_feat, return_dict=False)[0]
         return self.itm_head(h[:, 0, :])
 
 
@@ -76,14 +91,13 @@ def greedy_decode(decoder, prefix: torch.Tensor, encoder_states: torch.Tensor, m
                   min_length: int) -> torch.Tensor:
     """transformers' greedy search, unrolled: EOS blocked below min_length, PAD after EOS."""
     ids = prefix
-    encoder_mask = torch.ones(encoder_states.shape[:-1], dtype=torch.long)
     done = torch.zeros_like(prefix[:, 0])
     eos_block = torch.zeros(decoder.config.vocab_size)
     eos_block[SEP_ID] = _BLOCKED
     for _ in range(max_length - prefix.shape[1]):
-        logits = decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=encoder_states,
-                         encoder_attention_mask=encoder_mask, use_cache=False, logits_to_keep=1,
-                         return_dict=False)[0][:, -1, :]
+        # No padding inside the generated prefix, so the causal mask is the whole self-attention mask.
+        logits = decoder(input_ids=ids, attention_mask=causal_mask(ids.shape[1]), encoder_hidden_states=encoder_states,
+                         use_cache=False, logits_to_keep=1, return_dict=False)[0][:, -1, :]
         if ids.shape[1] < min_length:
             logits = logits + eos_block
         token = torch.argmax(logits, dim=-1)
@@ -113,10 +127,8 @@ class VqaQuestion(nn.Module):
         self.text_encoder = m.text_encoder
 
     def forward(self, image_embeds, input_ids, attention_mask):
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long)
-        return self.text_encoder(input_ids=_with_enc_token(input_ids), attention_mask=attention_mask,
-                                 encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                                 return_dict=False)[0]
+        return self.text_encoder(input_ids=_with_enc_token(input_ids), attention_mask=padding_mask(attention_mask),
+                                 encoder_hidden_states=image_embeds, return_dict=False)[0]
 
 
 class VqaAnswer(nn.Module):

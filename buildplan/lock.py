@@ -1,0 +1,50 @@
+"""One build at a time per artifacts/ directory.
+
+A second build started while one runs stops at once with a message naming the holder
+(or waits, with BLIPC_WAIT=1). Read-only commands (list, info, stale, ...) never lock.
+"""
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import sys
+import time
+from pathlib import Path
+
+READ_ONLY = {"list", "info", "help", "stale", "dumpdb", "tabcompletion", "strace", "forget", "ignore", "reset-dep"}
+_held = None  # keeps the file (and so the lock) open for the life of the process
+
+
+def is_build(argv: list[str]) -> bool:
+    words = [a for a in argv if not a.startswith("-") and "=" not in a]
+    return not words or words[0] not in READ_ONLY
+
+
+def hold_if_building(root: str, argv: list[str]) -> None:
+    global _held
+    Path(root).mkdir(parents=True, exist_ok=True)
+    if _held is not None or not is_build(argv):
+        return
+    path = Path(root) / ".build.lock"
+    f = open(path, "a+")
+    wait = os.environ.get("BLIPC_WAIT") == "1"
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if not wait:
+                print(f"error: another build is running on {root} ({holder}).\n"
+                      f"  fix: wait for it to finish, or rerun with BLIPC_WAIT=1 to wait automatically.",
+                      file=sys.stderr)
+                sys.exit(3)
+            time.sleep(1)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}: doit {' '.join(argv)}".strip())
+    f.flush()
+    _held = f
+    atexit.register(f.close)

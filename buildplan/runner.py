@@ -1,0 +1,159 @@
+"""Execute one plan node: stage into a scratch dir, rename outputs into place, commit the record.
+
+The record is dropped before work starts and committed only after every output is in place
+and every gate passed, so a failure or a kill at any moment leaves nothing that looks fresh.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from buildplan import config as config_mod
+from buildplan import toolchains
+from buildplan.plan import Node, Plan, build_plan
+from buildplan.state import Store, sha256_file
+
+
+class StageError(RuntimeError):
+    """A failure the stage explains itself (gate failed, toolchain command failed)."""
+
+
+@functools.cache
+def load_plan(config_path: str) -> Plan:
+    return build_plan(config_mod.load(config_path))
+
+
+class Context:
+    def __init__(self, plan: Plan, store: Store, node: Node):
+        self.plan, self.store, self.node = plan, store, node
+        self.root = Path(plan.root)
+        self.staging = self.root / ".staging" / f"{node.id.replace(':', '__')}.{os.getpid()}"
+        self.log_path = store.log_path(node.id)
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def tmp(self, rel: str) -> Path:
+        """Where the stage writes output `rel`; the runner renames it into place on success."""
+        p = self.staging / "out" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def workdir(self, name: str = "work") -> Path:
+        p = self.staging / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def dep_output(self, dep_id: str, suffix: str = "") -> Path:
+        outs = self.plan.nodes[dep_id].outputs
+        match = [o for o in outs if o.endswith(suffix)]
+        return self.root / match[0]
+
+    def toolchain(self):
+        return toolchains.get(self.node.toolchain, self.plan.config)
+
+    def log(self, text: str):
+        with open(self.log_path, "a") as f:
+            f.write(text.rstrip("\n") + "\n")
+
+    def run(self, argv: list[str], cwd: Path, env_extra: dict | None = None, what: str | None = None) -> str:
+        """Run a toolchain command (argument list, no shell); its output goes to the task log."""
+        env = dict(os.environ)
+        tc = self.toolchain()
+        if tc.bin_dir:
+            env["PATH"] = tc.bin_dir + os.pathsep + env.get("PATH", "")
+        env.update(env_extra or {})
+        self.log(f"$ (cd {cwd} && {' '.join(argv)})")
+        start = len(self.log_path.read_bytes()) if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as f:
+            proc = subprocess.run(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with open(self.log_path, "rb") as f:
+            f.seek(start)
+            output = f.read().decode(errors="replace")
+        if proc.returncode != 0:
+            tail = "\n".join("    " + line for line in output.strip().splitlines()[-8:])
+            raise StageError(f"{what or Path(argv[0]).name} failed (exit {proc.returncode}).\n  last lines:\n{tail}")
+        return output
+
+
+def run_task(config_path: str, node_id: str):
+    """doit action. Returns None on success, a TaskFailed with the log path on failure."""
+    from doit.exceptions import TaskFailed
+
+    plan = load_plan(config_path)
+    store = Store(plan)
+    node = plan.nodes[node_id]
+    ctx = Context(plan, store, node)
+    store.drop(node_id)
+    store.log_dir.mkdir(parents=True, exist_ok=True)
+    ctx.log_path.write_text(f"# {node_id}  started {_now()} on {socket.gethostname()}\n")
+    started = time.time()
+    try:
+        module, func = node.action.split(":")
+        result = getattr(importlib.import_module(module), func)(node, ctx) or {}
+        outputs = {}
+        for rel in node.outputs:
+            staged = ctx.staging / "out" / rel
+            if not staged.exists():
+                raise StageError(f"the stage did not produce {rel}")
+        for rel in node.outputs:
+            final = ctx.path(rel)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(ctx.staging / "out" / rel, final)
+            st = final.stat()
+            outputs[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(final)}
+    except BaseException as e:  # noqa: BLE001 - any failure, incl. KeyboardInterrupt, must not leave a record
+        ctx.log(traceback.format_exc())
+        kept = ctx.staging if ctx.staging.exists() else None
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        detail = str(e) if isinstance(e, StageError) or type(e).__name__ in ("GateError", "CheckpointError") \
+            else f"{type(e).__name__}: {e}"
+        msg = f"{node_id}: {detail}\n  log: {ctx.log_path}"
+        if kept:
+            msg += f"\n  scratch files kept for inspection: {kept}"
+        return TaskFailed(msg)
+    shutil.rmtree(ctx.staging, ignore_errors=True)
+    parts = store.parts(node)
+    digest = hashlib_digest(outputs)
+    tc = ctx.toolchain() if node.toolchain else None
+    record = {
+        "node": node.id, "stage": node.stage, "model": node.model, "labels": node.labels,
+        "fingerprint": store.fingerprint(parts), "parts": parts, "outputs": outputs, "digest": digest,
+        "toolchain": {"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
+        "duration_s": round(time.time() - started, 3), "finished_at": _now(), "host": socket.gethostname(),
+        "log": str(ctx.log_path.relative_to(ctx.root)),
+        **result,
+    }
+    store.commit(record)
+    ctx.log(f"# done in {record['duration_s']} s")
+    return None
+
+
+def hashlib_digest(outputs: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(f"{k}={v['sha256']};" for k, v in sorted(outputs.items())).encode()).hexdigest()
+
+
+def clean_task(config_path: str, node_id: str):
+    plan = load_plan(config_path)
+    store = Store(plan)
+    store.drop(node_id)
+    for rel in plan.nodes[node_id].outputs:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(plan.root) / rel).unlink()
+    store.write_manifest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,231 @@
+"""Build state: fingerprints, per-artifact records, freshness with reasons, the manifest.
+
+An artifact is fresh only if its record exists, its outputs are on disk as recorded, and
+the fingerprint of (params, code, toolchain, upstream contents, source files) still matches.
+Records are committed one by one, atomically, the moment an artifact finishes.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from buildplan import toolchains
+from buildplan.plan import Node, Plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.cache
+def code_hash(rel: str) -> str:
+    return hashlib.sha256((REPO / rel).read_bytes()).hexdigest()[:16]
+
+
+def atomic_write(path: str | Path, data: bytes | str):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def safe_name(node_id: str) -> str:
+    return node_id.replace(":", "__").replace("/", "_")
+
+
+def flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Store:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.root = Path(plan.root)
+        self.state_dir = self.root / ".state"
+        self.log_dir = self.root / "logs"
+        self._hashcache: dict | None = None
+
+    # --- records ----------------------------------------------------------------------
+    def record_path(self, node_id: str) -> Path:
+        return self.state_dir / f"{safe_name(node_id)}.json"
+
+    def log_path(self, node_id: str) -> Path:
+        return self.log_dir / f"{safe_name(node_id)}.log"
+
+    def read(self, node_id: str) -> dict | None:
+        try:
+            return json.loads(self.record_path(node_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None  # a torn record counts as no record
+
+    def drop(self, node_id: str):
+        with contextlib.suppress(FileNotFoundError):
+            self.record_path(node_id).unlink()
+
+    def commit(self, record: dict):
+        atomic_write(self.record_path(record["node"]), json.dumps(record, indent=1, sort_keys=True))
+        self.write_manifest()
+
+    # --- fingerprints -----------------------------------------------------------------
+    def source_hash(self, path: str) -> str:
+        """sha256 of an external file, cached by (size, mtime, inode): no re-hash of GBs on no-op."""
+        st = os.stat(path)
+        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+        cache = self._load_hashcache()
+        hit = cache.get(path)
+        if hit and hit[:3] == key:
+            return hit[3]
+        digest = sha256_file(path)
+        cache[path] = key + [digest]
+        atomic_write(self.state_dir / "hashcache.json", json.dumps(cache))
+        return digest
+
+    def _load_hashcache(self) -> dict:
+        if self._hashcache is None:
+            try:
+                self._hashcache = json.loads((self.state_dir / "hashcache.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                self._hashcache = {}
+        return self._hashcache
+
+    def parts(self, node: Node) -> dict:
+        tc = toolchains.get(node.toolchain, self.plan.config) if node.toolchain else None
+        inputs = {}
+        for dep in node.deps:
+            rec = self.read(dep)
+            inputs[dep] = rec["digest"] if rec else None
+        sources = {}
+        for src in node.sources:
+            sources[src] = self.source_hash(src) if os.path.exists(src) else None
+        return {
+            "params": node.params,
+            "code": {rel: code_hash(rel) for rel in node.code},
+            "toolchain": {"name": tc.name, **tc.identity} if tc and tc.available else ({"name": node.toolchain, "missing": True} if tc else None),
+            "inputs": inputs,
+            "sources": sources,
+        }
+
+    @staticmethod
+    def fingerprint(parts: dict) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    # --- freshness --------------------------------------------------------------------
+    def check(self, node: Node) -> list[dict]:
+        """Reasons the artifact is not fresh; an empty list means fresh."""
+        rec = self.read(node.id)
+        reasons = []
+        for rel in node.outputs:
+            p = self.root / rel
+            if not p.exists():
+                reasons.append({"kind": "output_missing", "text": f"output missing: {rel}"})
+            elif rec:
+                want = rec["outputs"].get(rel)
+                st = p.stat()
+                if not want:
+                    reasons.append({"kind": "output_modified", "text": f"output not in the record: {rel}"})
+                elif (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]) and (
+                        st.st_size != want["size"] or sha256_file(p) != want["sha256"]):
+                    reasons.append({"kind": "output_modified", "text": f"output modified on disk: {rel}"})
+        if rec is None:
+            if not reasons:
+                reasons.append({"kind": "never_built", "text": "no build record (never built, failed or interrupted)"})
+            elif all(r["kind"] == "output_missing" for r in reasons):
+                reasons.insert(0, {"kind": "never_built", "text": "not built yet"})
+            return reasons
+        now = self.parts(node)
+        if self.fingerprint(now) != rec["fingerprint"]:
+            reasons.extend(explain(rec["parts"], now))
+        return reasons
+
+    def is_fresh(self, node: Node) -> bool:
+        return not self.check(node)
+
+    # --- manifest ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _manifest_lock(self):
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".manifest.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def write_manifest(self):
+        """artifacts/manifest.json always lists exactly the committed records whose outputs exist."""
+        with self._manifest_lock():
+            entries = []
+            for p in sorted(self.state_dir.glob("*.json")):
+                if p.name == "hashcache.json":
+                    continue
+                try:
+                    rec = json.loads(p.read_text())
+                except json.JSONDecodeError:
+                    continue
+                for rel, meta in rec["outputs"].items():
+                    if (self.root / rel).exists():
+                        entries.append({"path": rel, **meta, "node": rec["node"], "stage": rec["stage"],
+                                        "model": rec["model"], "labels": rec.get("labels", {}),
+                                        "fingerprint": rec["fingerprint"], "record": str(p.relative_to(self.root))})
+            atomic_write(self.root / "manifest.json", json.dumps({"artifacts": entries}, indent=1))
+
+
+def explain(old: dict, new: dict) -> list[dict]:
+    """Turn a fingerprint difference into sentences a user can act on."""
+    out = []
+    for key in sorted(set(flatten(old.get("params"))) | set(flatten(new.get("params")))):
+        a, b = flatten(old.get("params")).get(key, "<unset>"), flatten(new.get("params")).get(key, "<unset>")
+        if a != b:
+            out.append({"kind": "param", "text": f"parameter {key} changed from {a!r} to {b!r}"})
+    changed = [f for f in sorted(set(old.get("code", {})) | set(new.get("code", {})))
+               if old.get("code", {}).get(f) != new.get("code", {}).get(f)]
+    if changed:
+        out.append({"kind": "code", "text": f"build code changed: {', '.join(changed)}"})
+    ot, nt = old.get("toolchain") or {}, new.get("toolchain") or {}
+    if ot != nt:
+        if nt.get("missing"):
+            out.append({"kind": "toolchain_missing", "text": f"toolchain {nt['name']} is not available"})
+        else:
+            out.append({"kind": "toolchain", "text": f"toolchain {nt.get('name')} changed from {_tc(ot)} to {_tc(nt)}"})
+    for src in sorted(set(old.get("sources", {})) | set(new.get("sources", {}))):
+        if old.get("sources", {}).get(src) != new.get("sources", {}).get(src):
+            out.append({"kind": "checkpoint", "text": f"checkpoint changed: {src}"})
+    for dep in sorted(set(old.get("inputs", {})) | set(new.get("inputs", {}))):
+        a, b = old.get("inputs", {}).get(dep), new.get("inputs", {}).get(dep)
+        if a != b:
+            text = f"upstream {dep} not built" if b is None else f"upstream {dep} was rebuilt with different content"
+            out.append({"kind": "upstream", "text": text})
+    return out or [{"kind": "fingerprint", "text": "fingerprint changed"}]
+
+
+def _tc(identity: dict) -> str:
+    if not identity or identity.get("missing"):
+        return "missing"
+    if identity.get("name") == "python":
+        return ", ".join(f"{k} {v}" for k, v in identity.get("libs", {}).items())
+    return f"{identity.get('version')} (build {identity.get('build')})"

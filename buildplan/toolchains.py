@@ -1,0 +1,134 @@
+"""Find the toolchains that build artifacts and say exactly which build of each is in use.
+
+An identity (version + build hash) is part of every artifact's fingerprint: a different
+TPU-MLIR or CANN build makes its artifacts stale. Detection only stats and reads small
+files, so a no-op build stays fast.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+TPU_MLIR_VERSION = "1.30.2"
+TPU_MLIR_HOWTO = ("run ./bootstrap.sh (installs TPU-MLIR {v} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
+                  "(or toolchains.tpu_mlir.root in models.yaml) at an environment whose bin/ has model_deploy.py"
+                  ).format(v=TPU_MLIR_VERSION)
+ATC_HOWTO = ("install the Ascend CANN toolkit and `source <install>/ascend-toolkit/set_env.sh` "
+             "(sets ASCEND_TOOLKIT_HOME and puts atc on PATH)")
+PYTHON_LIBS = ("torch", "transformers", "onnx", "onnxruntime", "onnxsim", "numpy")
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    name: str
+    available: bool
+    identity: dict = field(default_factory=dict)  # goes into fingerprints; empty when unavailable
+    bin_dir: str | None = None
+    problem: str = ""  # why it is unavailable and how to get it
+    standin: bool = False  # a test stand-in, never a real compiler
+
+    @property
+    def label(self) -> str:
+        if not self.available:
+            return "missing"
+        build = self.identity.get("build")
+        return self.identity.get("version", "?") + (f" (build {build})" if build else "")
+
+
+def _sha(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(limit) if limit else f.read())
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def python_libs() -> Toolchain:
+    versions = {}
+    for lib in PYTHON_LIBS:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    missing = [k for k, v in versions.items() if v is None]
+    return Toolchain("python", not missing, {"version": versions["torch"] or "?", "libs": versions},
+                     problem=f"missing Python packages {missing}: run ./bootstrap.sh" if missing else "")
+
+
+def tpu_mlir_root(configured: str | None = None) -> Path:
+    env = os.environ.get("BLIPC_TPU_MLIR") or configured
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("BLIPC_CACHE") or Path.home() / ".cache" / "blipc")
+    return cache / f"tpu-mlir-{TPU_MLIR_VERSION}"
+
+
+@functools.cache
+def tpu_mlir(configured: str | None = None) -> Toolchain:
+    root = tpu_mlir_root(configured)
+    bin_dir = root / "bin"
+    if not (bin_dir / "model_deploy.py").is_file():
+        return Toolchain("tpu_mlir", False, problem=f"TPU-MLIR not found at {root} (no bin/model_deploy.py): {TPU_MLIR_HOWTO}")
+    dist = sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages" / "tpu_mlir-*.dist-info")))
+    if dist:
+        version = Path(dist[-1]).name[len("tpu_mlir-"):-len(".dist-info")]
+        build = _sha(Path(dist[-1]) / "RECORD")  # RECORD lists every file's hash: a build identity
+    else:  # a source build (e.g. SOPHGO's docker image): identify by the tool's own code
+        version, build = "source", _sha(bin_dir / "model_deploy.py")
+    return Toolchain("tpu_mlir", True, {"version": version, "build": build}, str(bin_dir))
+
+
+def _atc_version(atc: Path) -> tuple[str, Path | None]:
+    """CANN writes version.info (Version=...) next to each component; look upwards from atc."""
+    home = os.environ.get("ASCEND_TOOLKIT_HOME")
+    candidates = [p / name for p in list(atc.resolve().parents)[:4] for name in ("version.info", "version.cfg")]
+    if home:
+        candidates += [Path(home) / "compiler" / "version.info", Path(home) / "version.cfg"]
+    for c in candidates:
+        if c.is_file():
+            m = re.search(r"^\s*(?:Version|version)\s*=\s*(\S+)", c.read_text(errors="replace"), re.M)
+            if m:
+                return m.group(1), c
+    return "unknown", None
+
+
+@functools.cache
+def atc() -> Toolchain:
+    home = os.environ.get("ASCEND_TOOLKIT_HOME")
+    found = None
+    if home:
+        for cand in (Path(home) / "bin" / "atc", Path(home) / "compiler" / "bin" / "atc"):
+            if cand.is_file() and os.access(cand, os.X_OK):
+                found = cand
+                break
+    if found is None and shutil.which("atc"):
+        found = Path(shutil.which("atc"))
+    if found is None:
+        where = f"ASCEND_TOOLKIT_HOME={home} has no bin/atc" if home else "atc is not on PATH and ASCEND_TOOLKIT_HOME is unset"
+        return Toolchain("atc", False, problem=f"ATC (Ascend CANN toolkit) not found: {where}; {ATC_HOWTO}")
+    version, info = _atc_version(found)
+    standin = (found.parent / "STANDIN").exists()
+    return Toolchain("atc", True, {"version": version, "build": _sha(found, 1 << 20)},
+                     str(found.parent), standin=standin)
+
+
+def get(name: str, config=None) -> Toolchain:
+    if name == "python":
+        return python_libs()
+    if name == "tpu_mlir":
+        return tpu_mlir(config.tpu_mlir_root if config else None)
+    if name == "atc":
+        return atc()
+    raise KeyError(name)
+
+
+def reset():
+    for f in (python_libs, tpu_mlir, atc):
+        f.cache_clear()

@@ -1,0 +1,178 @@
+"""Stages `transform`, `calibrate`, `bmodel`: SOPHGO bmodels with TPU-MLIR.
+
+model_transform runs once per (graph, batch size): the top MLIR does not depend on the chip,
+so every chip and precision shares it (the seed scripts redo it per chip). Its outputs are
+checked against ONNX Runtime, and each bmodel against the top MLIR on the chip's cmodel.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+
+from buildplan.plan import Node
+from export.specs import GRAPHS
+
+CODE = ("compile/tpu_mlir.py",)
+# cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.
+DEPLOY_TOLERANCE = {"F32": "0.99,0.90", "F16": "0.95,0.85", "BF16": "0.95,0.80", "INT8": "0.80,0.50"}
+TRANSFORM_TOLERANCE = "0.99,0.99"
+
+
+def _dir(model: str, graph: str, batch: int) -> str:
+    return f"{model}/tpu_mlir/{graph}_{batch}b"
+
+
+def transform_outputs(model: str, graph: str, batch: int) -> tuple[str, ...]:
+    d = _dir(model, graph, batch)
+    return (f"{d}/{graph}_{batch}b.mlir", f"{d}/{graph}_top_f32_all_weight.npz", f"{d}/{graph}_in_f32.npz",
+            f"{d}/{graph}_top_outputs.npz")
+
+
+def bmodel_path(model: str, graph: str, chip: str, precision: str, batch: int) -> str:
+    # sophon-demo layout: upper-case chip folder, lower-case chip and precision in the name.
+    return f"{model}/{chip.upper()}/{graph}_{chip}_{precision.lower()}_{batch}b.bmodel"
+
+
+def declare(plan, model, dims: dict, target, onnx_id: str, simplify_stage) -> None:
+    for graph in target.graphs:
+        spec = GRAPHS[graph]
+        for bs in target.batch_sizes:
+            simplified = simplify_stage.declare(plan, model, dims, graph, bs, onnx_id)
+            labels = {"graph": graph, "batch": bs}
+            transform = plan.add(Node(
+                id=f"transform:{model.name}.{graph}.{bs}b", stage="transform", model=model.name,
+                outputs=transform_outputs(model.name, graph, bs), action="compile.tpu_mlir:run_transform",
+                code=CODE, toolchain="tpu_mlir", deps=(simplified,),
+                params={"graph": graph, "batch": bs, "input_shapes": list(spec.shapes(dims, bs).values()),
+                        "outputs": [t.name for t in spec.outputs], "tolerance": TRANSFORM_TOLERANCE},
+                labels=labels))
+            calibration = None
+            if "INT8" in target.precisions:
+                cal = model.calibration
+                data_files = tuple(sorted(str(p) for p in _npz_files(cal["data"]))) if cal["data"] else ()
+                calibration = plan.add(Node(
+                    id=f"calibrate:{model.name}.{graph}.{bs}b", stage="calibrate", model=model.name,
+                    outputs=(f"{_dir(model.name, graph, bs)}/{graph}_cali_table",),
+                    action="compile.tpu_mlir:run_calibrate", code=CODE + ("export/samples.py",),
+                    toolchain="tpu_mlir", deps=(transform.id,), sources=data_files,
+                    params={"graph": graph, "batch": bs, "samples": cal["samples"], "user_data": bool(data_files),
+                            "dims": dims},
+                    labels=labels))
+            for precision in target.precisions:
+                plan.add(Node(
+                    id=f"bmodel:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="bmodel",
+                    model=model.name, outputs=(bmodel_path(model.name, graph, target.name, precision, bs),),
+                    action="compile.tpu_mlir:run_deploy", code=CODE, toolchain="tpu_mlir",
+                    deps=(transform.id,) + ((calibration.id,) if precision == "INT8" else ()),
+                    params={"graph": graph, "batch": bs, "chip": target.name, "precision": precision,
+                            "simulate": target.simulate, "tolerance": DEPLOY_TOLERANCE[precision]},
+                    labels={**labels, "target": target.name, "precision": precision}),
+                    f"compile:{target.name}")
+
+
+def _npz_files(folder):
+    from pathlib import Path
+
+    return sorted(Path(folder).glob("*.npz"))
+
+
+def _similarities(log: str) -> list[dict]:
+    """The comparisons TPU-MLIR printed: which files, the tolerance, the worst similarity."""
+    found = []
+    mins = re.findall(r"min_similarity = \(([^)]*)\)", log)
+    cmds = re.findall(r"\[Success\]: npz_tool\.py compare (\S+) (\S+) --tolerance (\S+)", log)
+    for (a, b, tol), sim in zip(cmds, mins):
+        values = [float(x) if x.strip() not in ("inf", "-inf", "nan") else x.strip() for x in sim.split(",")]
+        found.append({"compared": f"{a} vs {b}", "tolerance": tol, "cosine": values[0], "euclid": values[1]})
+    return found
+
+
+def run_transform(node: Node, ctx) -> dict:
+    import numpy as np
+
+    from export.gates import compare, worst
+    from export.simplify import read_io
+
+    p = node.params
+    graph, bs = p["graph"], p["batch"]
+    work = ctx.workdir()
+    onnx_file, io_file = (ctx.path(o) for o in ctx.plan.nodes[node.deps[0]].outputs)
+    inputs, reference = read_io(io_file)
+    np.savez(work / "test_input.npz", **inputs)
+    shapes = "[" + ",".join("[" + ",".join(map(str, s)) + "]" for s in p["input_shapes"]) + "]"
+    log = ctx.run(["model_transform.py", "--model_name", graph, "--model_def", str(onnx_file),
+                   "--input_shapes", shapes, "--mlir", f"{graph}_{bs}b.mlir",
+                   "--test_input", "test_input.npz", "--test_result", f"{graph}_top_outputs.npz",
+                   "--tolerance", p["tolerance"]], cwd=work, what="model_transform.py")
+    # Keep only the graph outputs of the reference: the full file holds every intermediate tensor.
+    with np.load(work / f"{graph}_top_outputs.npz") as z:
+        top = {}
+        for name in p["outputs"]:
+            key = next((k for k in z.files if k == name or k.startswith(name + "_")), None)
+            if key is None:
+                from buildplan.runner import StageError
+
+                raise StageError(f"model_transform wrote no tensor for output {name!r} (has {z.files[:10]})")
+            top[key] = z[key]
+    for rel in node.outputs:
+        name = rel.rsplit("/", 1)[1]
+        if name.endswith("_top_outputs.npz"):
+            np.savez(ctx.tmp(rel), **top)
+        else:
+            shutil.move(work / name, ctx.tmp(rel))
+    ours = {n: top[k].reshape(reference[n].shape) for n, k in zip(p["outputs"], top)}
+    vs_onnx = worst(compare(reference, ours, float("inf"), False))
+    return {"figures": {"top_mlir_vs_onnx": vs_onnx, "tpu_mlir": _similarities(log)}}
+
+
+def run_calibrate(node: Node, ctx) -> dict:
+    import numpy as np
+
+    from export.samples import make_inputs
+
+    p = node.params
+    mlir = ctx.path(ctx.plan.nodes[node.deps[0]].outputs[0])
+    work = ctx.workdir()
+    data = work / "data"
+    data.mkdir()
+    if p["user_data"]:
+        for src in node.sources:
+            shutil.copy(src, data)
+        count = len(node.sources)
+    else:
+        # No real data declared: synthetic samples. Good enough to prove the INT8 path, not for accuracy.
+        spec = GRAPHS[p["graph"]]
+        for i in range(p["samples"]):
+            np.savez(data / f"sample_{i:04d}.npz", **make_inputs(spec, p["dims"], p["batch"], seed=1000 + i))
+        count = p["samples"]
+    _link_weights(ctx, node.deps[0], work)
+    ctx.run(["run_calibration.py", str(mlir), "--dataset", str(data), "--input_num", str(count),
+             "-o", "cali_table"], cwd=work, what="run_calibration.py")
+    shutil.move(work / "cali_table", ctx.tmp(node.outputs[0]))
+    return {"calibration": {"samples": count, "synthetic": not p["user_data"]}}
+
+
+def _link_weights(ctx, transform_id: str, work) -> None:
+    # The top MLIR names its weight file relative to the working directory.
+    for rel in ctx.plan.nodes[transform_id].outputs:
+        if rel.endswith("_top_f32_all_weight.npz"):
+            (work / rel.rsplit("/", 1)[1]).symlink_to(ctx.path(rel))
+
+
+def run_deploy(node: Node, ctx) -> dict:
+    p = node.params
+    transform_id = node.deps[0]
+    mlir, _, in_f32, top_outputs = (ctx.path(o) for o in ctx.plan.nodes[transform_id].outputs)
+    work = ctx.workdir()
+    _link_weights(ctx, transform_id, work)
+    name = node.outputs[0].rsplit("/", 1)[1]
+    argv = ["model_deploy.py", "--mlir", str(mlir), "--quantize", p["precision"], "--processor", p["chip"],
+            "--model", name, "--test_input", str(in_f32), "--test_reference", str(top_outputs),
+            "--tolerance", p["tolerance"]]
+    if p["precision"] == "INT8":
+        argv += ["--calibration_table", str(ctx.path(ctx.plan.nodes[node.deps[1]].outputs[0]))]
+    if not p["simulate"]:
+        argv += ["--skip_validation"]  # the TPU-MLIR side still runs; the cmodel pass does not
+    log = ctx.run(argv, cwd=work, what="model_deploy.py")
+    shutil.move(work / name, ctx.tmp(node.outputs[0]))
+    return {"figures": {"tpu_mlir": _similarities(log)}, "simulated": bool(p["simulate"])}

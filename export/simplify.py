@@ -1,0 +1,75 @@
+"""Stage `simplify`: one fixed-shape onnxsim graph per (graph, batch size), gated vs the raw one.
+
+Also writes the sample inputs and reference outputs at that batch size (`.io.npz`): the
+compile stages validate their artifacts against exactly these.
+"""
+from __future__ import annotations
+
+from buildplan.plan import Node
+from export.specs import GRAPHS
+from export.stage import onnx_path, signature
+
+CODE = ("export/simplify.py", "export/samples.py", "export/gates.py", "export/specs.py")
+SAMPLE_SEED = 7
+
+
+def paths(model: str, graph: str, batch: int) -> tuple[str, str]:
+    stem = f"{model}/onnx/{graph}_bs{batch}"
+    return f"{stem}.onnx", f"{stem}.io.npz"
+
+
+def declare(plan, model, dims: dict, graph: str, batch: int, onnx_id: str) -> str:
+    spec = GRAPHS[graph]
+    node = plan.add(Node(
+        id=f"simplify:{model.name}.{graph}.bs{batch}", stage="simplify", model=model.name,
+        outputs=paths(model.name, graph, batch), action="export.simplify:run", code=CODE, toolchain="python",
+        deps=(onnx_id,),
+        params={"graph": graph, "batch": batch, "input_shapes": spec.shapes(dims, batch), "atol": spec.atol,
+                "discrete": spec.discrete_outputs, "sample_seed": SAMPLE_SEED, "dims": dims},
+        labels={"graph": graph, "batch": batch},
+    ), f"export:{model.name}")
+    return node.id
+
+
+def read_io(path) -> tuple[dict, dict]:
+    """(inputs, reference outputs) from an .io.npz, each keyed by tensor name."""
+    import numpy as np
+
+    with np.load(path) as z:
+        ins = {k[len("input:"):]: z[k] for k in z.files if k.startswith("input:")}
+        outs = {k[len("output:"):]: z[k] for k in z.files if k.startswith("output:")}
+    return ins, outs
+
+
+def run(node: Node, ctx) -> dict:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import onnxsim
+
+    from export.gates import GateError, compare, worst
+    from export.samples import make_inputs
+
+    p = node.params
+    spec = GRAPHS[p["graph"]]
+    raw_path = ctx.path(onnx_path(node.model, p["graph"]))
+    raw = onnx.load(str(raw_path))
+    simplified, ok = onnxsim.simplify(raw, overwrite_input_shapes=p["input_shapes"])
+    if not ok:
+        raise GateError(f"onnxsim could not validate the simplified {p['graph']} at batch {p['batch']}")
+    out_onnx, out_io = (ctx.tmp(rel) for rel in node.outputs)
+    onnx.save(simplified, str(out_onnx))
+    feeds = make_inputs(spec, p["dims"], p["batch"], seed=p["sample_seed"])
+    ref_sess = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
+    ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feeds)))
+    sess = ort.InferenceSession(str(out_onnx), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    for name, shape in spec.output_shapes(p["dims"], p["batch"]).items():
+        if list(got[name].shape) != shape:
+            raise GateError(f"{spec.name} bs{p['batch']}: output {name} has shape {list(got[name].shape)}, spec says {shape}")
+    fig = worst(compare(ref, got, spec.atol, spec.discrete_outputs))
+    np.savez(out_io, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in ref.items()})
+    nodes_before, nodes_after = len(raw.graph.node), len(simplified.graph.node)
+    ctx.log(f"{spec.name} bs{p['batch']}: {nodes_before} -> {nodes_after} nodes, gate vs raw {fig}")
+    return {"figures": {"simplified_vs_raw": fig}, "nodes": [nodes_before, nodes_after],
+            "signature": signature(spec, p["dims"], p["batch"])}

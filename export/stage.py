@@ -1,0 +1,126 @@
+"""Stage `onnx`: one checkpoint load per model -> every declared split graph as raw ONNX.
+
+Raw graphs keep batch as their only dynamic axis. Each is gated against PyTorch with
+ONNX Runtime at two batch sizes other than the traced one, which also proves the batch
+axis really is dynamic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from buildplan.plan import Node
+from export.specs import GRAPHS
+
+CODE = ("export/stage.py", "export/graphs.py", "export/loading.py", "export/specs.py", "export/presets.py",
+        "export/samples.py", "export/gates.py")
+TRACE_BATCH = 2
+GATE_BATCHES = (1, 3)
+
+
+def onnx_path(model: str, graph: str) -> str:
+    return f"{model}/onnx/{graph}.onnx"
+
+
+def declare(plan, model, dims: dict, ckpt: dict) -> str:
+    node = plan.add(Node(
+        id=f"onnx:{model.name}", stage="onnx", model=model.name,
+        outputs=tuple(onnx_path(model.name, g) for g in model.graphs),
+        action="export.stage:run", code=CODE, toolchain="python",
+        deps=(ckpt["node"],) if ckpt["node"] else (),
+        sources=() if ckpt["node"] else (ckpt["path"],),
+        params={"task": model.task, "arch": model.arch, "dims": dims, "checkpoint_kind": ckpt["kind"],
+                "graphs": {g: dataclasses.asdict(GRAPHS[g]) for g in model.graphs}},
+        labels={"graphs": list(model.graphs)},
+    ), f"export:{model.name}")
+    return node.id
+
+
+def signature(spec, dims, batch) -> dict:
+    return {
+        "inputs": [{"name": t.name, "shape": s, "dtype": t.dtype} for t, s in
+                   zip(spec.inputs, spec.shapes(dims, batch).values())],
+        "outputs": [{"name": t.name, "shape": s, "dtype": t.dtype} for t, s in
+                    zip(spec.outputs, spec.output_shapes(dims, batch).values())],
+    }
+
+
+def fix_output_dims(path, spec, dims) -> None:
+    """The tracer leaves non-batch output dims symbolic; the spec knows them, so state them."""
+    import onnx
+
+    m = onnx.load(str(path))
+    shapes = spec.output_shapes(dims, 1)
+    for v in m.graph.output:
+        for i, d in enumerate(v.type.tensor_type.shape.dim):
+            if i == 0:
+                d.dim_param = spec.batch_axis_name
+            else:
+                d.dim_value = shapes[v.name][i]
+    onnx.save(m, str(path))
+
+
+def check_onnx_io(path, spec, dims) -> None:
+    """The exported file must carry the spec's names, dtypes and a dynamic batch axis."""
+    import onnx
+
+    from export.gates import GateError
+
+    m = onnx.load(str(path), load_external_data=False)
+    for kind, declared, actual in (("input", spec.inputs, m.graph.input), ("output", spec.outputs, m.graph.output)):
+        got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in actual]
+        want = [(t.name, t.dtype, [spec.batch_axis_name] + s[1:]) for t, s in
+                zip(declared, [list(x) for x in (spec.shapes(dims, 1) if kind == "input" else spec.output_shapes(dims, 1)).values()])]
+        if got != want:
+            raise GateError(f"{spec.name}: ONNX {kind}s {got} do not match the spec {want}")
+
+
+def run(node: Node, ctx) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    from export.gates import compare, worst
+    from export.graphs import build
+    from export.loading import load_model
+    from export.samples import make_inputs
+
+    p = node.params
+    dims = p["dims"]
+    ckpt = str(ctx.dep_output(node.deps[0])) if node.deps else node.sources[0]
+    model, report = load_model(ckpt, p["checkpoint_kind"], p["task"], dims)
+    ctx.log(f"loaded {ckpt}: ignored {len(report['ignored'])} training-state keys"
+            + (f", interpolated pos_embed {report['interpolated_pos_embed']}" if report["interpolated_pos_embed"] else ""))
+    figures, signatures = {}, {}
+    for name in p["graphs"]:
+        spec = GRAPHS[name]
+        module = build(spec, model, dims)
+        out = ctx.tmp(onnx_path(node.model, name))
+        example = make_inputs(spec, dims, TRACE_BATCH)
+        axes = {t.name: {0: spec.batch_axis_name} for t in spec.inputs + spec.outputs}
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.onnx.export(module, tuple(torch.from_numpy(v) for v in example.values()), str(out),
+                              input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                              dynamic_axes=axes, opset_version=spec.opset, do_constant_folding=True, dynamo=False)
+        for w in {str(w.message).splitlines()[0] for w in caught}:
+            ctx.log(f"{name}: exporter warning: {w}")
+        fix_output_dims(out, spec, dims)
+        check_onnx_io(out, spec, dims)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        per_batch = {}
+        for bs in GATE_BATCHES:
+            feeds = make_inputs(spec, dims, bs, seed=1)
+            with torch.no_grad():
+                ref = module(*(torch.from_numpy(v) for v in feeds.values()))
+            ref = {spec.outputs[0].name: ref.numpy()} if isinstance(ref, torch.Tensor) else \
+                {t.name: r.numpy() for t, r in zip(spec.outputs, ref)}
+            got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+            per_batch[f"bs{bs}"] = worst(compare(ref, got, spec.atol, spec.discrete_outputs))
+        figures[name] = {"onnx_vs_torch": per_batch}
+        signatures[name] = signature(spec, dims, "B")
+        ctx.log(f"{name}: exported, gate vs PyTorch {per_batch}")
+        del session
+    return {"figures": figures, "signature": signatures,
+            "checkpoint": {"ignored_keys": len(report["ignored"]), "ignored_sample": report["ignored"][:8],
+                           "interpolated_pos_embed": report["interpolated_pos_embed"]}}
