@@ -94,6 +94,7 @@ def run_task(config_path: str, node_id: str):
     node = plan.nodes[node_id]
     ctx = Context(plan, store, node)
     store.drop(node_id)
+    store.clear_failure(node_id)
     store.log_dir.mkdir(parents=True, exist_ok=True)
     ctx.log_path.write_text(f"# {node_id}  started {_now()} on {socket.gethostname()}\n")
     started = time.time()
@@ -121,6 +122,7 @@ def run_task(config_path: str, node_id: str):
         msg = f"{node_id}: {detail}\n  log: {ctx.log_path}"
         if kept:
             msg += f"\n  scratch files kept for inspection: {kept}"
+        store.mark_failure(node_id, detail, str(ctx.log_path.relative_to(ctx.root)), _now())
         return TaskFailed(msg)
     shutil.rmtree(ctx.staging, ignore_errors=True)
     parts = store.parts(node)

@@ -94,6 +94,22 @@ class Store:
         atomic_write(self.record_path(record["node"]), json.dumps(record, indent=1, sort_keys=True))
         self.write_manifest()
 
+    def failure_path(self, node_id: str) -> Path:
+        return self.state_dir / "failed" / f"{safe_name(node_id)}.json"
+
+    def mark_failure(self, node_id: str, error: str, log: str, at: str):
+        atomic_write(self.failure_path(node_id), json.dumps({"node": node_id, "error": error, "log": log, "at": at}))
+
+    def clear_failure(self, node_id: str):
+        with contextlib.suppress(FileNotFoundError):
+            self.failure_path(node_id).unlink()
+
+    def read_failure(self, node_id: str) -> dict | None:
+        try:
+            return json.loads(self.failure_path(node_id).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     # --- fingerprints -----------------------------------------------------------------
     def source_hash(self, path: str) -> str:
         """sha256 of an external file, cached by (size, mtime, inode): no re-hash of GBs on no-op."""
@@ -154,10 +170,14 @@ class Store:
                 elif (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]) and (
                         st.st_size != want["size"] or sha256_file(p) != want["sha256"]):
                     reasons.append({"kind": "output_modified", "text": f"output modified on disk: {rel}"})
+        if node.toolchain in ("tpu_mlir", "atc"):
+            tc = toolchains.get(node.toolchain, self.plan.config)
+            if not tc.available:
+                reasons.append({"kind": "toolchain_missing", "text": f"toolchain {node.toolchain} is not available"})
         if rec is None:
             if not reasons:
                 reasons.append({"kind": "never_built", "text": "no build record (never built, failed or interrupted)"})
-            elif all(r["kind"] == "output_missing" for r in reasons):
+            elif all(r["kind"] in ("output_missing", "toolchain_missing") for r in reasons):
                 reasons.insert(0, {"kind": "never_built", "text": "not built yet"})
             return reasons
         now = self.parts(node)

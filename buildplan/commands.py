@@ -1,0 +1,63 @@
+"""doit commands: `doit stale` and `doit nightly` (registered in pyproject.toml)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from doit.cmd_base import DoitCmdBase
+from doit.cmd_run import Run
+
+
+def _plan():
+    dodo = sys.modules.get("dodo")
+    if dodo is None or not hasattr(dodo, "PLAN"):
+        raise SystemExit("error: run this from the project folder (dodo.py defines the plan)")
+    return dodo.PLAN, dodo.CONFIG_PATH
+
+
+class Stale(DoitCmdBase):
+    name = "stale"
+    doc_purpose = "list declared artifacts that are missing or out of date, with reasons"
+    doc_usage = "[--json] [--check]"
+    doc_description = "Exit status with --check: 1 when anything is stale, else 0."
+    cmd_options = (
+        {"name": "as_json", "long": "json", "type": bool, "default": False, "help": "machine-readable output"},
+        {"name": "check", "long": "check", "type": bool, "default": False, "help": "exit 1 if anything is stale"},
+    )
+
+    def _execute(self, as_json=False, check=False):
+        from buildplan import report
+
+        plan, _ = _plan()
+        stale = report.stale_nodes(plan)
+        if as_json:
+            print(json.dumps(report.as_json(plan, stale), indent=1))
+        else:
+            print(report.as_text(plan, stale))
+        self.dep_manager.close()
+        return 1 if (check and stale) else 0
+
+
+class Nightly(Run):
+    name = "nightly"
+    doc_purpose = "build everything declared, continue past failures, write a dated JSON + HTML report"
+    doc_usage = "[-n N] [--report-dir DIR]"
+    doc_description = "Exit status 1 when any artifact failed. Targets without a toolchain are reported as skipped."
+    cmd_options = Run.cmd_options + (
+        {"name": "report_dir", "long": "report-dir", "type": str, "default": "",
+         "help": "where reports go (default: <artifacts>/reports)"},
+    )
+
+    def _execute(self, outfile, report_dir="", **kwargs):
+        from buildplan import nightly
+        from buildplan.tasks import available_targets
+
+        plan, _ = _plan()
+        ok, skipped = available_targets(plan)
+        started = nightly.now()
+        self.sel_tasks = [g for g in plan.groups if g.startswith("export:")] + [f"compile:{t}" for t in ok]
+        kwargs["continue_"] = True
+        super()._execute(outfile, **kwargs)
+        path, failed = nightly.write_report(plan, started, skipped, report_dir or None)
+        print(f"nightly report: {path}.html (and .json); failed: {failed}", file=sys.stderr)
+        return 1 if failed else 0

@@ -1,0 +1,55 @@
+"""Which artifacts are out of date, and why: the stale report (no torch import, fast)."""
+from __future__ import annotations
+
+from buildplan.plan import Plan
+from buildplan.state import Store
+
+
+def stale_nodes(plan: Plan) -> dict[str, list[dict]]:
+    """node id -> reasons, for every declared node that is missing or stale (dependencies first)."""
+    store = Store(plan)
+    stale: dict[str, list[dict]] = {}
+    for node_id in plan.closure(list(plan.nodes)):
+        node = plan.nodes[node_id]
+        reasons = store.check(node)
+        upstream = [d for d in node.deps if d in stale]
+        # A stale upstream explains a changed input; don't also list its digest change.
+        reasons = [r for r in reasons if not (r["kind"] == "upstream" and any(u in r["text"] for u in upstream))]
+        reasons += [{"kind": "upstream_stale", "text": f"upstream {d} is stale"} for d in upstream]
+        if reasons:
+            stale[node_id] = reasons
+    return stale
+
+
+def group_key(plan: Plan, node_id: str) -> str:
+    n = plan.nodes[node_id]
+    lab = n.labels
+    parts = [n.model, lab.get("target", "export"), lab.get("precision", "-")]
+    batch = lab.get("batch")
+    parts.append(f"bs{batch}" if isinstance(batch, int) else ("bs" + ",".join(map(str, batch)) if batch else "-"))
+    return " / ".join(parts)
+
+
+def as_json(plan: Plan, stale: dict[str, list[dict]]) -> dict:
+    items = []
+    for node_id, reasons in stale.items():
+        n = plan.nodes[node_id]
+        items.append({"node": node_id, "stage": n.stage, "model": n.model, "labels": n.labels,
+                      "outputs": list(n.outputs), "group": group_key(plan, node_id),
+                      "reasons": [r["text"] for r in reasons], "reason_kinds": sorted({r["kind"] for r in reasons})})
+    return {"declared": len(plan.nodes), "stale": len(items), "artifacts": items}
+
+
+def as_text(plan: Plan, stale: dict[str, list[dict]]) -> str:
+    if not stale:
+        return f"all {len(plan.nodes)} declared artifacts are up to date"
+    by_group: dict[str, list[str]] = {}
+    for node_id in stale:
+        by_group.setdefault(group_key(plan, node_id), []).append(node_id)
+    lines = [f"{len(stale)} of {len(plan.nodes)} declared artifacts are missing or out of date", ""]
+    for group in sorted(by_group):
+        lines.append(group)
+        for node_id in by_group[group]:
+            lines.append(f"  {node_id}  ->  {plan.nodes[node_id].outputs[0]}")
+            lines += [f"      - {r['text']}" for r in stale[node_id]]
+    return "\n".join(lines)
