@@ -77,10 +77,20 @@ def _init(key: str, shape, gen):
     return torch.randn(shape, generator=gen) / fan_in ** 0.5
 
 
-def run(node: Node, ctx) -> dict:
+def save(state: dict, path) -> None:
+    """torch.save to a buffer: the zip's record names then don't depend on the file name."""
+    import io
+
     import torch
 
+    buf = io.BytesIO()
+    torch.save({"model": state}, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def run(node: Node, ctx) -> dict:
     p = node.params
     state = synthetic_state_dict(p["task"], p["preset"], p["seed"], p["image_size"])
-    torch.save({"model": state}, ctx.tmp(node.outputs[0]))
+    save(state, ctx.tmp(node.outputs[0]))
     return {"keys": len(state), "params": int(sum(v.numel() for v in state.values()))}

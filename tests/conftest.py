@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+STANDIN_BIN = REPO / "tests" / "standin_cann" / "compiler" / "bin"
+sys.path.insert(0, str(REPO))
+
+
+def write_config(path: Path, models: list, artifacts: Path) -> Path:
+    path.write_text(yaml.safe_dump({"artifacts": str(artifacts), "models": models}, sort_keys=False))
+    return path
+
+
+def doit(cfg: Path, *args, atc: bool = False, env: dict | None = None, check: bool = True, timeout: int = 1800):
+    """Run doit on a config as a user would (subprocess, from the repo)."""
+    e = dict(os.environ)
+    e.pop("ASCEND_TOOLKIT_HOME", None)
+    path = [str(Path(sys.executable).parent)] + [p for p in e.get("PATH", "").split(os.pathsep) if "standin_cann" not in p]
+    if atc:
+        path.insert(0, str(STANDIN_BIN))
+    e["PATH"] = os.pathsep.join(path)
+    e.update(env or {})
+    proc = subprocess.run([str(Path(sys.executable).parent / "doit"), *args, f"config={cfg}"], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"doit {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def executed(proc) -> list[str]:
+    """Task names doit actually ran ('.  name' lines)."""
+    return [line[3:].strip() for line in proc.stdout.splitlines() if line.startswith(".  ")]
+
+
+@pytest.fixture
+def tmp_artifacts(tmp_path):
+    return tmp_path / "artifacts"

@@ -1,0 +1,86 @@
+"""Config validation: every user mistake names the file, the field path and what is allowed."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from buildplan import config
+
+GOOD = {
+    "models": [
+        {"name": "ret", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 0},
+         "graphs": ["BLIP_text", "blip_itm"],
+         "targets": {"ascend310p3": {"graphs": ["BLIP_text"], "batch_sizes": [1, 4]},
+                     "bm1684x": {"graphs": ["blip_itm"], "precisions": ["F32", "F16"]}}},
+        {"name": "vqa", "task": "vqa", "checkpoint": {"synthetic": "tiny"},
+         "targets": {"bm1684": {"graphs": ["blip_vqa_venc"], "precisions": ["F32"]}}},
+    ]
+}
+
+
+def mutate(fn):
+    raw = copy.deepcopy(GOOD)
+    fn(raw)
+    return raw
+
+
+CASES = [
+    (lambda r: r.update(extra=1), "extra", "unknown key"),
+    (lambda r: r["models"][0].update(colour="red"), "models[0].colour", "unknown key"),
+    (lambda r: r["models"][1].update(task="detection"), "models[1].task", "retrieval, captioning, vqa"),
+    (lambda r: r["models"][1]["targets"]["bm1684"].update(precisions=["F16"]), "models[1].targets.bm1684.precisions[0]", "F32, INT8"),
+    (lambda r: r["models"][0]["targets"].update(bm9999={}), "models[0].targets.bm9999", "unknown chip"),
+    (lambda r: r["models"][0]["targets"]["bm1684x"].update(graphs=["BLIP_image"]), "models[0].targets.bm1684x.graphs[0]", "BLIP_text, blip_itm"),
+    (lambda r: r["models"][0].update(graphs=["blip_cap"]), "models[0].graphs[0]", "unknown retrieval graph"),
+    (lambda r: r["models"][1].update(name="ret"), "models[1].name", "duplicate model name"),
+    (lambda r: r["models"][0].update(name="../escape"), "models[0].name", "not a safe artifact name"),
+    (lambda r: r["models"][0].update(checkpoint="missing.pth"), "models[0].checkpoint.path", "does not exist"),
+    (lambda r: r["models"][0]["targets"]["ascend310p3"].update(batch_sizes=[1, "4"]), "models[0].targets.ascend310p3.batch_sizes[1]", "expected an integer"),
+    (lambda r: r["models"][0]["targets"]["ascend310p3"].update(batch_sizes=[1, 1]), "models[0].targets.ascend310p3.batch_sizes[1]", "duplicate batch size"),
+    (lambda r: r["models"][0]["targets"]["ascend310p3"].update(precisions=["F16"]), "models[0].targets.ascend310p3.precisions", "unknown key"),
+    (lambda r: r["models"][0]["targets"]["ascend310p3"].update(precision_mode="fastest"), "models[0].targets.ascend310p3.precision_mode", "force_fp16"),
+    (lambda r: r["models"][0]["targets"]["ascend310p3"].update(extra_flags={"BLIP_text": ["--soc_version=x"]}), "models[0].targets.ascend310p3.extra_flags.BLIP_text[0]", "set by the build itself"),
+    (lambda r: r["models"][0]["targets"]["bm1684x"].update(simulate="yes"), "models[0].targets.bm1684x.simulate", "true or false"),
+    (lambda r: r["models"][0].update(checkpoint={"synthetic": "huge"}), "models[0].checkpoint.synthetic", "tiny, base"),
+    (lambda r: r["models"][0].update(image_size=100), "models[0].image_size", "multiple of the patch size"),
+    (lambda r: r.update(models=[]), "models", "non-empty list"),
+]
+
+
+@pytest.mark.parametrize("change,field,allowed", CASES, ids=[c[1] for c in CASES])
+def test_malformed_config_names_file_field_and_fix(tmp_path, change, field, allowed):
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(mutate(change)))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert err.value.field == field
+    text = str(err.value)
+    assert text.startswith(f"{path.name}: {field}:") or str(path) in text
+    assert allowed in text
+
+
+def test_good_config_and_shipped_files_validate(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    cfg = config.load(path)
+    assert [m.name for m in cfg.models] == ["ret", "vqa"]
+    assert config.load(Path(__file__).parent.parent / "models.yaml").models
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    path = tmp_path / "models.yaml"
+    path.write_text("models:\n  - name: [unclosed\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert "line" in err.value.field
+
+
+def test_doit_reports_config_error_without_traceback(tmp_path):
+    from conftest import doit
+
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(mutate(lambda r: r["models"][1]["targets"]["bm1684"].update(precisions=["BF16"]))))
+    proc = doit(path, "list", check=False)
+    assert proc.returncode == 2
+    assert "models[1].targets.bm1684.precisions[0]" in proc.stderr and "Traceback" not in proc.stderr

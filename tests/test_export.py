@@ -1,0 +1,132 @@
+"""Export stage: loading, key mapping, refusals, decoding equivalence, graph specs."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from export import loading
+from export.graphs import build
+from export.presets import CLS_ID, SEP_ID, resolve_dims
+from export.samples import make_inputs
+from export.specs import GRAPHS
+from export.synthetic import save, synthetic_state_dict
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for task, seed in (("retrieval", 0), ("captioning", 1), ("vqa", 2)):
+        p = d / f"{task}.pth"
+        save(synthetic_state_dict(task, "tiny", seed), p)
+        out[task] = p
+    return out
+
+
+def test_synthetic_checkpoint_is_original_layout_and_deterministic(tmp_path, checkpoints):
+    sd = torch.load(checkpoints["retrieval"], weights_only=True)["model"]
+    assert "visual_encoder.blocks.0.attn.qkv.weight" in sd and "visual_encoder.pos_embed" in sd
+    assert "visual_encoder_m.cls_token" in sd and "image_queue" in sd and "text_encoder.encoder.layer.0.crossattention.self.query.weight" in sd
+    again = tmp_path / "again.pth"
+    save(synthetic_state_dict("retrieval", "tiny", 0), again)
+    assert again.read_bytes() == checkpoints["retrieval"].read_bytes()
+
+
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "vqa"])
+def test_key_mapping_round_trip(task, checkpoints):
+    dims = resolve_dims("tiny", task)
+    loaded, report = loading.load_model(str(checkpoints[task]), "pth", task, dims)
+    direct = loading.new_model(task, dims)
+    sd = torch.load(checkpoints[task], weights_only=True)["model"]
+    direct.load_state_dict({loading.original_to_hf(k): v for k, v in sd.items() if not loading.is_training_state(k)}, strict=False)
+    if task == "retrieval":
+        assert any(k.startswith("visual_encoder_m.") for k in report["ignored"]) and "image_queue" in report["ignored"]
+    for name in (g for g, s in GRAPHS.items() if s.task == task and not s.discrete_outputs):
+        spec = GRAPHS[name]
+        x = [torch.from_numpy(v) for v in make_inputs(spec, dims, 2).values()]
+        with torch.no_grad():
+            torch.testing.assert_close(build(spec, loaded, dims)(*x), build(spec, direct, dims)(*x), rtol=0, atol=0)
+
+
+def test_unexpected_and_missing_keys_are_named(tmp_path, checkpoints):
+    sd = torch.load(checkpoints["retrieval"], weights_only=True)["model"]
+    sd["text_encoder.bogus.weight"] = torch.zeros(1)
+    del sd["itm_head.weight"]
+    p = tmp_path / "bad.pth"
+    torch.save(sd, p)  # bare state_dict is accepted too
+    with pytest.raises(loading.CheckpointError) as err:
+        loading.load_model(str(p), "pth", "retrieval", resolve_dims("tiny", "retrieval"))
+    assert "itm_head.weight" in str(err.value) and "text_encoder.bogus.weight" in str(err.value)
+
+
+def test_pos_embed_interpolated_for_another_image_size(checkpoints):
+    dims = resolve_dims("tiny", "retrieval", image_size=96)
+    model, report = loading.load_model(str(checkpoints["retrieval"]), "pth", "retrieval", dims)
+    assert report["interpolated_pos_embed"] == [[1, 17, 32], [1, 37, 32]]
+    assert model.vision_model.embeddings.position_embedding.shape == (1, 37, 32)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /tmp/blipc_pwned",))
+
+
+def test_malicious_pickle_refused(tmp_path):
+    p = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Evil()}, p, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(loading.CheckpointError, match="refused to load"):
+        loading.read_state_dict(p)
+
+
+def test_truncated_and_foreign_files_named(tmp_path, checkpoints):
+    data = checkpoints["captioning"].read_bytes()
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(loading.CheckpointError, match="cut.pth: not a readable PyTorch checkpoint"):
+        loading.read_state_dict(cut)
+    txt = tmp_path / "notes.pth"
+    txt.write_text("hello")
+    with pytest.raises(loading.CheckpointError, match="notes.pth"):
+        loading.read_state_dict(txt)
+
+
+def _hf_ids(out, length):
+    out = out.numpy()
+    return np.pad(out, ((0, 0), (0, length - out.shape[1])), constant_values=0)
+
+
+@pytest.mark.parametrize("sep_bias", [0.0, 8.0])
+def test_caption_decoding_equals_generate(checkpoints, sep_bias):
+    """Unrolled greedy == transformers' generate(); the biased run makes EOS fire mid-sequence."""
+    dims = resolve_dims("tiny", "captioning")
+    model, _ = loading.load_model(str(checkpoints["captioning"]), "pth", "captioning", dims)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[SEP_ID] += sep_bias
+    pixels = torch.from_numpy(make_inputs(GRAPHS["blip_cap"], dims, 4)["pixel_values"])
+    with torch.no_grad():
+        ours = build(GRAPHS["blip_cap"], model, dims)(pixels).numpy()
+        prompt = torch.tensor([[CLS_ID, 1037, 3861, 1997, SEP_ID]] * 4)
+        ref = model.generate(pixels, input_ids=prompt, max_length=20, min_length=5, num_beams=1, do_sample=False)
+    np.testing.assert_array_equal(ours, _hf_ids(ref, 20))
+    if sep_bias:
+        assert (ours == SEP_ID).any() and (ours[:, -1] == 0).any()  # EOS reached, then padding
+
+
+@pytest.mark.parametrize("sep_bias", [0.0, 6.0])
+def test_vqa_answer_decoding_equals_generate(checkpoints, sep_bias):
+    dims = resolve_dims("tiny", "vqa")
+    model, _ = loading.load_model(str(checkpoints["vqa"]), "pth", "vqa", dims)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[SEP_ID] += sep_bias
+    x = make_inputs(GRAPHS["blip_vqa_tenc"], dims, 3)
+    feeds = [torch.from_numpy(v) for v in x.values()]
+    with torch.no_grad():
+        states = build(GRAPHS["blip_vqa_tenc"], model, dims)(*feeds)
+        ours = build(GRAPHS["blip_vqa_tdec"], model, dims)(states).numpy()
+        bos = torch.full((3, 1), model.decoder_start_token_id)
+        ref = model.text_decoder.generate(input_ids=bos, eos_token_id=SEP_ID, pad_token_id=0,
+                                          encoder_hidden_states=states, max_length=10, min_length=1,
+                                          num_beams=1, do_sample=False)
+    np.testing.assert_array_equal(ours, _hf_ids(ref, 10))

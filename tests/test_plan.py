@@ -1,0 +1,61 @@
+"""Plan expansion: counts per stage follow the declared matrix; the plan never imports torch."""
+import collections
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from buildplan import config
+from buildplan.plan import build_plan
+from conftest import REPO, doit
+
+
+def test_default_matrix_counts():
+    cfg = config.load(REPO / "models.yaml")
+    plan = build_plan(cfg)
+    stages = collections.Counter(n.stage for n in plan.nodes.values())
+    # retrieval: 4 Ascend graphs x 6 bs OMs; blip_itm F32 on 3 chips; vqa venc: 2 + 4 + 2 precisions.
+    assert stages["om"] == 4 * 6
+    assert stages["bmodel"] == 3 + (2 + 4 + 2)
+    assert stages["transform"] == 2  # blip_itm and blip_vqa_venc at bs1, shared by every chip
+    assert stages["calibrate"] == 1
+    assert stages["simplify"] == 4 * 6 + 1 + 1
+    assert stages["onnx"] == stages["checkpoint"] == 2
+    names = [n.outputs[0] for n in plan.nodes.values() if n.stage == "bmodel"]
+    assert "retrieval/BM1684X/blip_itm_bm1684x_f32_1b.bmodel" in names
+    assert sorted(g for g in plan.groups if g.startswith("compile:")) == [
+        "compile:ascend310p3", "compile:bm1684", "compile:bm1684x", "compile:bm1688"]
+
+
+def test_matrix_scales_with_declaration(tmp_path):
+    models = [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny"},
+               "targets": {"ascend310p3": {"graphs": ["BLIP_text", "BLIP_image"], "batch_sizes": [1, 2, 3]},
+                           "bm1684x": {"graphs": ["BLIP_text", "blip_itm"], "batch_sizes": [1, 2], "precisions": ["F32", "F16", "INT8"]},
+                           "bm1688": {"graphs": ["blip_itm"], "batch_sizes": [2], "precisions": ["BF16"]}}}]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"models": models}))
+    plan = build_plan(config.load(path))
+    stages = collections.Counter(n.stage for n in plan.nodes.values())
+    assert stages["om"] == 2 * 3
+    assert stages["bmodel"] == 2 * 2 * 3 + 1
+    assert stages["transform"] == 4  # (BLIP_text, blip_itm) x (1, 2): bm1688's blip_itm bs2 reuses one
+    assert stages["calibrate"] == 4
+    # simplify: BLIP_text {1,2,3}, BLIP_image {1,2,3}, blip_itm {1,2}
+    assert stages["simplify"] == 8
+
+
+def test_plan_does_not_import_heavy_libraries():
+    code = ("import sys; sys.path.insert(0, %r); from buildplan import config; from buildplan.plan import build_plan;"
+            "build_plan(config.load(%r)); import buildplan.report, buildplan.tasks;"
+            "print(sorted(m for m in ('torch', 'onnx', 'transformers', 'onnxruntime', 'onnxsim') if m in sys.modules))"
+            % (str(REPO), str(REPO / "models.yaml")))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_doit_list_has_one_compile_group_per_target():
+    proc = doit(REPO / "models.yaml", "list")
+    groups = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("compile:")]
+    assert groups == ["compile:ascend310p3", "compile:bm1684", "compile:bm1684x", "compile:bm1688"]
+    assert "export:retrieval" in proc.stdout and "default" in proc.stdout
