@@ -48,7 +48,9 @@ class Nightly(Run):
          "help": "where reports go (default: <artifacts>/reports)"},
     )
 
-    def _execute(self, outfile, report_dir="", **kwargs):
+    def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console", num_process=0,
+                 par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
+                 failure_verbosity=0, pdb=False, report_dir=""):
         from buildplan import nightly
         from buildplan.tasks import available_targets
 
@@ -56,8 +58,10 @@ class Nightly(Run):
         ok, skipped = available_targets(plan)
         started = nightly.now()
         self.sel_tasks = [g for g in plan.groups if g.startswith("export:")] + [f"compile:{t}" for t in ok]
-        kwargs["continue_"] = True
-        super()._execute(outfile, **kwargs)
+        super()._execute(outfile, verbosity=verbosity, always=always, continue_=True, reporter=reporter,
+                         num_process=num_process, par_type=par_type, single=single,
+                         auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
+                         failure_verbosity=failure_verbosity, pdb=pdb)
         path, failed = nightly.write_report(plan, started, skipped, report_dir or None)
         print(f"nightly report: {path}.html (and .json); failed: {failed}", file=sys.stderr)
         return 1 if failed else 0

@@ -182,7 +182,8 @@ class Store:
             return reasons
         now = self.parts(node)
         if self.fingerprint(now) != rec["fingerprint"]:
-            reasons.extend(explain(rec["parts"], now))
+            kinds = {r["kind"] for r in reasons}
+            reasons.extend(r for r in explain(rec["parts"], now) if r["kind"] not in kinds)
         return reasons
 
     def is_fresh(self, node: Node) -> bool:
