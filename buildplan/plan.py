@@ -25,7 +25,6 @@ class Node:
     params: dict = field(default_factory=dict)  # everything else the output depends on (JSON-able)
     toolchain: str | None = None  # "python" | "tpu_mlir" | "atc"
     labels: dict = field(default_factory=dict)  # graph / batch / target / precision, for reports
-    logs: bool = True
 
     def __hash__(self):
         return hash(self.id)
@@ -69,13 +68,6 @@ class Plan:
         for i in ids:
             visit(i)
         return order
-
-    def downstream(self, node_id: str) -> set[str]:
-        out, frontier = set(), {node_id}
-        while frontier:
-            frontier = {n.id for n in self.nodes.values() if set(n.deps) & frontier} - out
-            out |= frontier
-        return out
 
 
 # The stage modules, in build order. Each exposes declare(plan, model, dims, ...).

@@ -92,6 +92,14 @@ def test_truncated_and_foreign_files_named(tmp_path, checkpoints):
         loading.read_state_dict(txt)
 
 
+def _model_with_sep_bias(checkpoints, task, sep_bias):
+    dims = resolve_dims("tiny", task)
+    model, _ = loading.load_model(str(checkpoints[task]), "pth", task, dims)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[SEP_ID] += sep_bias
+    return model, dims
+
+
 def _hf_ids(out, length):
     out = out.numpy()
     return np.pad(out, ((0, 0), (0, length - out.shape[1])), constant_values=0)
@@ -100,10 +108,7 @@ def _hf_ids(out, length):
 @pytest.mark.parametrize("sep_bias", [0.0, 8.0])
 def test_caption_decoding_equals_generate(checkpoints, sep_bias):
     """Unrolled greedy == transformers' generate(); the biased run makes EOS fire mid-sequence."""
-    dims = resolve_dims("tiny", "captioning")
-    model, _ = loading.load_model(str(checkpoints["captioning"]), "pth", "captioning", dims)
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[SEP_ID] += sep_bias
+    model, dims = _model_with_sep_bias(checkpoints, "captioning", sep_bias)
     pixels = torch.from_numpy(make_inputs(GRAPHS["blip_cap"], dims, 4)["pixel_values"])
     with torch.no_grad():
         ours = build(GRAPHS["blip_cap"], model, dims)(pixels).numpy()
@@ -116,10 +121,7 @@ def test_caption_decoding_equals_generate(checkpoints, sep_bias):
 
 @pytest.mark.parametrize("sep_bias", [0.0, 6.0])
 def test_vqa_answer_decoding_equals_generate(checkpoints, sep_bias):
-    dims = resolve_dims("tiny", "vqa")
-    model, _ = loading.load_model(str(checkpoints["vqa"]), "pth", "vqa", dims)
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[SEP_ID] += sep_bias
+    model, dims = _model_with_sep_bias(checkpoints, "vqa", sep_bias)
     x = make_inputs(GRAPHS["blip_vqa_tenc"], dims, 3)
     feeds = [torch.from_numpy(v) for v in x.values()]
     with torch.no_grad():
