@@ -30,25 +30,41 @@ find_python() {  # $1 = major.minor
   return 1
 }
 
-stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+stamp_of() { sha256sum | cut -c1-16; }
+
+# pip, minus this machine's "Location ... is ignored" noise; keeps pip's exit status.
+pip_run() {
+  "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
+# What each environment is made of. The stamps hash these recipes (not this whole script), so
+# editing a comment here does not reinstall several GB; changing a pin or a fix does.
+TORCH_PIN="torch==2.13.0"
+TPU_PACKAGES="tpu_mlir[onnx]==$TPU_MLIR_VERSION psutil torch"
+TPU_SETUPTOOLS="setuptools<70"
+TPU_DROP_LIBS="libc.so.6 libm.so.6 libpthread.so.0"
 
 # --- project environment -------------------------------------------------------------
-main_stamp=$(stamp_of pyproject.toml bootstrap.sh)
+main_stamp=$( { echo "$TORCH_PIN"; cat pyproject.toml; } | stamp_of)
 if [ "$(cat .venv/.bootstrap-stamp 2>/dev/null)" != "$main_stamp" ]; then
   py=$(find_python 3.11) || { echo "bootstrap: Python 3.11 not found (install it, e.g. 'pyenv install 3.11')" >&2; exit 1; }
   echo "bootstrap: creating .venv with $py"
   [ -x .venv/bin/python ] || "$py" -m venv .venv
   # torch first and pinned: 2.13.0 is the CPU build; letting a resolver pick would fetch CUDA.
-  .venv/bin/pip install -q torch==2.13.0
-  .venv/bin/pip install -q -e '.[test]'
+  pip_run .venv/bin/pip install -q "$TORCH_PIN"
+  pip_run .venv/bin/pip install -q -e '.[test]'
   echo "$main_stamp" > .venv/.bootstrap-stamp
 fi
+# Byte-compile the project's own modules (pip does this for installed packages): with
+# PYTHONDONTWRITEBYTECODE set, every `doit` would otherwise recompile them (~30 ms per no-op run).
+.venv/bin/python -m compileall -q buildplan export compile dodo.py >/dev/null
 
 # --- TPU-MLIR toolchain environment -------------------------------------------------
 if [ "$want_tpu" = 1 ] && [ -z "${BLIPC_TPU_MLIR:-}" ]; then
   cache=${BLIPC_CACHE:-$HOME/.cache/blipc}
   env_dir=$cache/tpu-mlir-$TPU_MLIR_VERSION
-  tpu_stamp=$(stamp_of bootstrap.sh)
+  tpu_stamp=$(echo "$TPU_PACKAGES; $TPU_SETUPTOOLS; drop $TPU_DROP_LIBS" | stamp_of)
   if [ "$(cat "$env_dir/.bootstrap-stamp" 2>/dev/null)" != "$tpu_stamp" ]; then
     py310=$(find_python 3.10) || { echo "bootstrap: Python 3.10 not found; TPU-MLIR $TPU_MLIR_VERSION needs it ('pyenv install 3.10')" >&2; exit 1; }
     echo "bootstrap: installing TPU-MLIR $TPU_MLIR_VERSION into $env_dir (several GB, a few minutes, once)"
@@ -57,11 +73,13 @@ if [ "$want_tpu" = 1 ] && [ -z "${BLIPC_TPU_MLIR:-}" ]; then
     mkdir -p "$cache"
     "$py310" -m venv "$env_dir"
     # tpu_mlir imports psutil, torch and pkg_resources (gone from setuptools >= 81) at top level.
-    "$env_dir/bin/pip" install -q "tpu_mlir[onnx]==$TPU_MLIR_VERSION" psutil torch
-    "$env_dir/bin/pip" install -q "setuptools<70" 2>&1 | grep -v "dependency conflicts\|requires setuptools\|dependency resolver" || true
+    # shellcheck disable=SC2086  # word splitting intended: a package list
+    pip_run "$env_dir/bin/pip" install -q $TPU_PACKAGES
+    # pip warns that some package wants a newer setuptools; tpu_mlir needs pkg_resources.
+    pip_run "$env_dir/bin/pip" install -q "$TPU_SETUPTOOLS" | { grep -v "dependency conflicts\|requires setuptools\|dependency resolver" || true; }
     # Its bundled glibc pieces break every tool on newer glibc hosts ("GLIBC_2.36 not found").
     site=$("$env_dir/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    rm -f "$site/tpu_mlir/lib/third_party/"{libc.so.6,libm.so.6,libpthread.so.0}
+    for lib in $TPU_DROP_LIBS; do rm -f "$site/tpu_mlir/lib/third_party/$lib"; done
     echo "$tpu_stamp" > "$env_dir/.bootstrap-stamp"
   fi
 fi

@@ -1,9 +1,10 @@
 """No-op build cost: `doit` on the default matrix (everything built) vs bare doit with the same
 number of trivial up-to-date tasks, both measured in this one run. Also times `doit stale`.
 
-    .venv/bin/python bench/noop.py [--runs 7]
+    .venv/bin/python bench/noop.py [--runs 25]
 """
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,18 +26,30 @@ def task_t():
 '''
 
 
-def timed(argv, cwd, runs):
-    out = []
+def once(argv, cwd) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run; CPU time (user+sys of the child) is far less disturbed by
+    other load on a small machine than wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    subprocess.run(argv, cwd=cwd, check=True, capture_output=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def interleaved(commands, runs):
+    """Alternate the commands run by run, so load from other processes hits all of them alike;
+    report each one's median wall and median CPU time."""
+    times = [[] for _ in commands]
     for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(argv, cwd=cwd, check=True, capture_output=True)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        for i, (argv, cwd) in enumerate(commands):
+            times[i].append(once(argv, cwd))
+    return [(statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for t in times]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=25)
     args = ap.parse_args()
     from buildplan import config
     from buildplan.plan import build_plan
@@ -47,17 +60,18 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         Path(d, "dodo.py").write_text(BARE % (str(Path(d) / ".db"), count))
         subprocess.run([DOIT], cwd=d, check=True, capture_output=True)
-        bare = timed([DOIT], d, args.runs)
-    ours = timed([DOIT], REPO, args.runs)
-    stale = timed([DOIT, "stale"], REPO, args.runs)
+        (bare, bare_cpu), (ours, ours_cpu), (stale, stale_cpu) = interleaved(
+            [([DOIT], d), ([DOIT], REPO), ([DOIT, "stale"], REPO)], args.runs)
     t = time.perf_counter()
     for _ in range(20):
         build_plan(config.load(REPO / "models.yaml"))
     plan_ms = (time.perf_counter() - t) / 20 * 1000
     print(f"tasks: {count} artifact nodes (default matrix)")
-    print(f"bare doit, {count} trivial up-to-date tasks: {bare * 1000:.0f} ms (median of {args.runs})")
-    print(f"doit no-op on the default matrix:           {ours * 1000:.0f} ms  -> ratio {ours / bare:.2f}x")
-    print(f"doit stale on the default matrix:           {stale * 1000:.0f} ms")
+    print(f"medians of {args.runs} interleaved runs        wall     CPU")
+    print(f"bare doit, {count} trivial up-to-date tasks: {bare * 1000:5.0f} ms {bare_cpu * 1000:5.0f} ms")
+    print(f"doit no-op on the default matrix:           {ours * 1000:5.0f} ms {ours_cpu * 1000:5.0f} ms"
+          f"  -> ratio {ours / bare:.2f}x wall, {ours_cpu / bare_cpu:.2f}x CPU")
+    print(f"doit stale on the default matrix:           {stale * 1000:5.0f} ms {stale_cpu * 1000:5.0f} ms")
     print(f"plan expansion (config load + build_plan):  {plan_ms:.1f} ms")
 
 

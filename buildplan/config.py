@@ -5,12 +5,14 @@ Every user mistake becomes one ConfigError naming the file, the field path
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-from dataclasses import dataclass, field
+import tempfile
+from typing import NamedTuple
 from pathlib import Path
 
-import yaml
 
 from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
@@ -34,16 +36,15 @@ class ConfigError(Exception):
         return msg + (f"\n  fix: {self.fix}" if self.fix else "")
 
 
-@dataclass(frozen=True)
-class Checkpoint:
+# NamedTuples rather than dataclasses keep the no-op `doit` fast (see export/specs.py).
+class Checkpoint(NamedTuple):
     kind: str  # "synthetic" | "pth" | "hf_dir"
     path: str | None = None  # absolute, for pth / hf_dir
     preset: str | None = None  # synthetic
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     name: str
     backend: str  # "tpu_mlir" | "atc"
     graphs: tuple[str, ...]
@@ -52,11 +53,10 @@ class Target:
     simulate: bool = True  # tpu_mlir: validate on the cmodel
     precision_mode: str | None = None  # atc
     dynamic_batch: bool = False  # atc
-    extra_flags: dict = field(default_factory=dict)  # atc: graph -> [flags]
+    extra_flags: dict = {}  # atc: graph -> [flags]; never mutated
 
 
-@dataclass(frozen=True)
-class Model:
+class Model(NamedTuple):
     name: str
     task: str
     checkpoint: Checkpoint
@@ -67,8 +67,7 @@ class Model:
     calibration: dict
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     path: str  # the yaml file, absolute
     artifacts: str  # absolute artifacts root
     models: tuple[Model, ...]
@@ -142,13 +141,40 @@ def load(path: str | os.PathLike | None = None) -> Config:
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
     if not path.is_file():
         raise ConfigError(shown, "", "config file not found", "create it (see models.yaml) or pass config=FILE / BLIPC_CONFIG")
+    return validate(_parse_yaml(path.read_bytes(), shown), shown, path.parent)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BLIPC_CACHE") or Path.home() / ".cache" / "blipc")
+
+
+def _parse_yaml(text: bytes, shown: str):
+    """yaml.safe_load, memoised as JSON by content hash: importing PyYAML alone costs ~25 ms of
+    every no-op `doit`. Only documents that survive a JSON round trip unchanged are memoised."""
+    memo = cache_dir() / "parsed-yaml" / f"{hashlib.sha256(text).hexdigest()}.json"
     try:
-        raw = yaml.safe_load(path.read_text())
+        return json.loads(memo.read_text())
+    except (OSError, ValueError):
+        pass
+    import yaml
+
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(shown, where, f"not valid YAML: {getattr(e, 'problem', e)}", "fix the YAML syntax") from None
-    return validate(raw, shown, path.parent)
+    try:
+        as_json = json.dumps(raw)
+        if json.loads(as_json) == raw:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=memo.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(as_json)
+            os.replace(tmp, memo)
+    except (TypeError, ValueError, OSError):
+        pass  # not JSON-shaped (dates, non-string keys) or a read-only cache: parse each time
+    return raw
 
 
 def validate(raw, file: str, base_dir: Path) -> Config:

@@ -6,14 +6,13 @@ dodo.py, the stale report, nightly and the tests all share this one expansion.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from buildplan.config import Config, Model
 from export.presets import resolve_dims
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(NamedTuple):  # a NamedTuple, not a dataclass: cheaper to define (no-op speed)
     id: str  # also the doit task name, e.g. "bmodel:itm.blip_itm.bm1684x.F32.1b"
     stage: str  # checkpoint | onnx | simplify | transform | calibrate | bmodel | om
     model: str
@@ -22,20 +21,20 @@ class Node:
     code: tuple[str, ...]  # repo-relative source files whose content is part of the fingerprint
     deps: tuple[str, ...] = ()  # upstream node ids
     sources: tuple[str, ...] = ()  # absolute paths of external inputs (a user's checkpoint)
-    params: dict = field(default_factory=dict)  # everything else the output depends on (JSON-able)
+    params: dict = {}  # never mutated; everything else the output depends on (JSON-able)
     toolchain: str | None = None  # "python" | "tpu_mlir" | "atc"
-    labels: dict = field(default_factory=dict)  # graph / batch / target / precision, for reports
+    labels: dict = {}  # never mutated; graph / batch / target / precision, for reports
 
     def __hash__(self):
         return hash(self.id)
 
 
-@dataclass
 class Plan:
-    config: Config
-    nodes: dict[str, Node] = field(default_factory=dict)
-    groups: dict[str, list[str]] = field(default_factory=dict)  # "compile:bm1684x" -> node ids
-    target_backend: dict[str, str] = field(default_factory=dict)
+    def __init__(self, config: Config):
+        self.config = config
+        self.nodes: dict[str, Node] = {}
+        self.groups: dict[str, list[str]] = {}  # "compile:bm1684x" -> node ids
+        self.target_backend: dict[str, str] = {}
 
     @property
     def root(self) -> str:

@@ -72,6 +72,8 @@ class Store:
         self.state_dir = self.root / ".state"
         self.log_dir = self.root / "logs"
         self._hashcache: dict | None = None
+        self._records: dict[str, tuple] = {}
+        self._state_str = str(self.state_dir)
 
     # --- records ----------------------------------------------------------------------
     def record_path(self, node_id: str) -> Path:
@@ -81,10 +83,22 @@ class Store:
         return self.log_dir / f"{safe_name(node_id)}.log"
 
     def read(self, node_id: str) -> dict | None:
+        """The committed record, or None. Parsed records are reused while the file's (inode, size,
+        mtime) is unchanged: a no-op check reads each upstream record once, not once per consumer.
+        Commits replace the file (new inode), so a record written by another process is seen."""
+        path = f"{self._state_str}/{safe_name(node_id)}.json"  # str, not Path: this runs per check
         try:
-            return json.loads(self.record_path(node_id).read_text())
+            st = os.stat(path)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            hit = self._records.get(node_id)
+            if hit and hit[0] == key:
+                return hit[1]
+            with open(path, "rb") as f:
+                rec = json.loads(f.read())
         except (FileNotFoundError, json.JSONDecodeError):
             return None  # a torn record counts as no record
+        self._records[node_id] = (key, rec)
+        return rec
 
     def drop(self, node_id: str):
         with contextlib.suppress(FileNotFoundError):
@@ -159,12 +173,14 @@ class Store:
         rec = self.read(node.id)
         reasons = []
         for rel in node.outputs:
-            p = self.root / rel
-            if not p.exists():
+            p = f"{self.plan.root}/{rel}"
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
                 reasons.append({"kind": "output_missing", "text": f"output missing: {rel}"})
-            elif rec:
+                continue
+            if rec:
                 want = rec["outputs"].get(rel)
-                st = p.stat()
                 if not want:
                     reasons.append({"kind": "output_modified", "text": f"output not in the record: {rel}"})
                 elif (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]) and (

@@ -6,7 +6,6 @@ axis really is dynamic.
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 from buildplan.plan import Node
@@ -30,7 +29,7 @@ def declare(plan, model, dims: dict, ckpt: dict) -> str:
         deps=(ckpt["node"],) if ckpt["node"] else (),
         sources=() if ckpt["node"] else (ckpt["path"],),
         params={"task": model.task, "arch": model.arch, "dims": dims, "checkpoint_kind": ckpt["kind"],
-                "graphs": {g: dataclasses.asdict(GRAPHS[g]) for g in model.graphs}},
+                "graphs": {g: GRAPHS[g].as_dict() for g in model.graphs}},
         labels={"graphs": list(model.graphs)},
     ), f"export:{model.name}")
     return node.id
