@@ -22,7 +22,8 @@ def _status(store: Store, node, started: str, skipped: dict[str, str]) -> dict:
     if rec and store.is_fresh(node):
         st = "built" if rec["finished_at"] >= started else "up to date"
         return {"status": st, "figures": rec.get("figures"), "size": sum(o["size"] for o in rec["outputs"].values()),
-                "duration_s": rec["duration_s"], "log": rec.get("log"), "standin": rec.get("standin", False)}
+                "duration_s": rec["duration_s"], "tool_peak_rss_mb": rec.get("tool_peak_rss_mb"), "log": rec.get("log"),
+                "standin": rec.get("standin", False)}
     if target in skipped:
         return {"status": "skipped", "reason": skipped[target]}
     return {"status": "skipped", "reason": "an upstream artifact failed"}
@@ -54,7 +55,8 @@ def _fig(figures) -> str:
         if isinstance(v, dict) and "max_abs" in v:
             flat.append(f"{k}: max|Δ| {v['max_abs']:.2e}, cos {v['cosine']:.6f}")
         elif isinstance(v, list):
-            flat += [f"{s['compared']}: cos {s['cosine']}" for s in v if isinstance(s, dict) and "compared" in s]
+            flat += [f"{s['compared']}: " + (f"cos {s['cosine']}" if "cosine" in s else f"{s.get('tensors')} tensors compared")
+                     for s in v if isinstance(s, dict) and "compared" in s]
         elif isinstance(v, dict):
             flat.append(f"{k}: " + ", ".join(f"{kk} {vv}" for kk, vv in v.items())[:160])
     return "<br>".join(html.escape(x) for x in flat)

@@ -38,6 +38,7 @@ class Context:
         self.root = Path(plan.root)
         self.staging = self.root / ".staging" / f"{node.id.replace(':', '__')}.{os.getpid()}"
         self.log_path = store.log_path(node.id)
+        self.tool_peak_rss = 0  # bytes: the largest process any toolchain command of this node ran
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -75,7 +76,16 @@ class Context:
         self.log(f"$ (cd {cwd} && {' '.join(argv)})")
         start = len(self.log_path.read_bytes()) if self.log_path.exists() else 0
         with open(self.log_path, "ab") as f:
-            proc = subprocess.run(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            try:
+                # wait4, not wait: its rusage holds the peak RSS of the command and its waited-for children.
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        self.tool_peak_rss = max(self.tool_peak_rss, usage.ru_maxrss * 1024)  # Linux reports KiB
         with open(self.log_path, "rb") as f:
             f.seek(start)
             output = f.read().decode(errors="replace")
@@ -133,6 +143,7 @@ def run_task(config_path: str, node_id: str):
         "fingerprint": store.fingerprint(parts), "parts": parts, "outputs": outputs, "digest": digest,
         "toolchain": {"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
         "duration_s": round(time.time() - started, 3), "finished_at": _now(), "host": socket.gethostname(),
+        **({"tool_peak_rss_mb": round(ctx.tool_peak_rss / 2**20, 1)} if ctx.tool_peak_rss else {}),
         "log": str(ctx.log_path.relative_to(ctx.root)),
         **result,
     }

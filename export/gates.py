@@ -35,5 +35,9 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
 
 def worst(figures: dict) -> dict:
     """One summary over all outputs of a gate: the largest error and the smallest cosine."""
-    return {"max_abs": max(f["max_abs"] for f in figures.values()),
-            "cosine": min(f["cosine"] for f in figures.values())}
+    out = {"max_abs": max(f["max_abs"] for f in figures.values()),
+           "cosine": min(f["cosine"] for f in figures.values())}
+    for key, pick in (("rel_max_abs", max), ("match", min)):
+        if all(key in f for f in figures.values()):
+            out[key] = pick(f[key] for f in figures.values())
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from buildplan.plan import Node
 from export.specs import GRAPHS
-from export.stage import onnx_path, signature
+from export.stage import check_onnx_io, fix_output_dims, onnx_path, signature
 
 CODE = ("export/simplify.py", "export/samples.py", "export/gates.py", "export/specs.py")
 SAMPLE_SEED = 7
@@ -58,7 +58,9 @@ def run(node: Node, ctx) -> dict:
     if not ok:
         raise GateError(f"onnxsim could not validate the simplified {p['graph']} at batch {p['batch']}")
     out_onnx, out_io = (ctx.tmp(rel) for rel in node.outputs)
+    fix_output_dims(simplified, spec, p["dims"], p["batch"])
     onnx.save(simplified, str(out_onnx))
+    check_onnx_io(out_onnx, spec, p["dims"], p["batch"])
     feeds = make_inputs(spec, p["dims"], p["batch"], seed=p["sample_seed"])
     ref_sess = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
     ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feeds)))

@@ -44,38 +44,38 @@ def signature(spec, dims, batch) -> dict:
     }
 
 
-def fix_output_dims(path, spec, dims) -> None:
-    """The tracer leaves non-batch output dims symbolic; the spec knows them, so state them."""
-    import onnx
-
-    m = onnx.load(str(path))
+def fix_output_dims(model, spec, dims, batch: int | None = None) -> None:
+    """Shape inference (the tracer's, and onnxsim's on large graphs) can leave output dims
+    symbolic; the spec knows them, so state them. batch=None keeps the batch axis dynamic."""
     shapes = spec.output_shapes(dims, 1)
-    for v in m.graph.output:
+    for v in model.graph.output:
         for i, d in enumerate(v.type.tensor_type.shape.dim):
-            if i == 0:
+            if i == 0 and batch is None:
                 d.dim_param = spec.batch_axis_name
             else:
-                d.dim_value = shapes[v.name][i]
-    onnx.save(m, str(path))
+                d.dim_value = batch if i == 0 else shapes[v.name][i]
 
 
-def check_onnx_io(path, spec, dims) -> None:
-    """The exported file must carry the spec's names, dtypes and a dynamic batch axis."""
+def check_onnx_io(path, spec, dims, batch: int | None = None) -> None:
+    """The file must carry the spec's names, dtypes and shapes: a dynamic batch axis when
+    batch is None, else exactly that batch."""
     import onnx
 
     from export.gates import GateError
 
     m = onnx.load(str(path), load_external_data=False)
+    first = spec.batch_axis_name if batch is None else batch
     for kind, declared, actual in (("input", spec.inputs, m.graph.input), ("output", spec.outputs, m.graph.output)):
         got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in actual]
-        want = [(t.name, t.dtype, [spec.batch_axis_name] + s[1:]) for t, s in
+        want = [(t.name, t.dtype, [first] + s[1:]) for t, s in
                 zip(declared, [list(x) for x in (spec.shapes(dims, 1) if kind == "input" else spec.output_shapes(dims, 1)).values()])]
         if got != want:
             raise GateError(f"{spec.name}: ONNX {kind}s {got} do not match the spec {want}")
 
 
 def run(node: Node, ctx) -> dict:
+    import onnx
     import onnxruntime as ort
     import torch
 
@@ -104,7 +104,9 @@ def run(node: Node, ctx) -> dict:
                               dynamic_axes=axes, opset_version=spec.opset, do_constant_folding=True, dynamo=False)
         for w in {str(w.message).splitlines()[0] for w in caught}:
             ctx.log(f"{name}: exporter warning: {w}")
-        fix_output_dims(out, spec, dims)
+        exported = onnx.load(str(out))
+        fix_output_dims(exported, spec, dims)
+        onnx.save(exported, str(out))
         check_onnx_io(out, spec, dims)
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         per_batch = {}

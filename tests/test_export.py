@@ -132,3 +132,26 @@ def test_vqa_answer_decoding_equals_generate(checkpoints, sep_bias):
                                           encoder_hidden_states=states, max_length=10, min_length=1,
                                           num_beams=1, do_sample=False)
     np.testing.assert_array_equal(ours, _hf_ids(ref, 10))
+
+
+def test_fixed_batch_graph_states_its_output_dims(tmp_path):
+    """onnxsim left BLIP-base's image_embed as ['batch', 256] at bs1: the stage states the spec's
+    dims and checks them, so a per-batch graph never declares a symbolic output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.gates import GateError
+    from export.stage import check_onnx_io, fix_output_dims
+
+    spec, dims = GRAPHS["BLIP_image"], resolve_dims("tiny", "retrieval")
+    x = helper.make_tensor_value_info("input_image", TensorProto.FLOAT, [4, 3, 64, 64])
+    y = helper.make_tensor_value_info("image_embed", TensorProto.FLOAT, ["batch", 256])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["input_image"], ["image_embed"])], "g", [x], [y]))
+    path = tmp_path / "g.onnx"
+    onnx.save(model, path)
+    with pytest.raises(GateError, match="outputs"):
+        check_onnx_io(path, spec, dims, 4)
+    fix_output_dims(model, spec, dims, 4)
+    onnx.save(model, path)
+    check_onnx_io(path, spec, dims, 4)
+    assert [d.dim_value for d in onnx.load(path).graph.output[0].type.tensor_type.shape.dim] == [4, 256]
