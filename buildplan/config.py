@@ -229,7 +229,24 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
     if not isinstance(targets_raw, dict) or not targets_raw:
         c.fail(f"{path}.targets", f"expected a mapping of chip -> settings, got {_kind(targets_raw)}",
                f"e.g. `bm1684x: {{precisions: [F32]}}`; chips: {', '.join(list(SOPHGO_PRECISIONS) + list(ASCEND_SOCS))}")
-    targets = tuple(_target(c, chip, spec, f"{path}.targets.{chip}", graphs) for chip, spec in targets_raw.items())
+    targets = []
+    for chip, spec in targets_raw.items():
+        # One settings block per chip, or a list of them when graphs need different settings
+        # (e.g. the image encoder in four precisions, the decoders in F32).
+        if isinstance(spec, list) and not spec:
+            c.fail(f"{path}.targets.{chip}", "empty list of settings blocks", "give one block or drop the chip")
+        blocks = [(f"{path}.targets.{chip}[{i}]", b) for i, b in enumerate(spec)] if isinstance(spec, list) \
+            else [(f"{path}.targets.{chip}", spec)]
+        declared: dict[tuple, str] = {}
+        for where, block in blocks:
+            target = _target(c, chip, block, where, graphs)
+            for artifact in _artifacts_of(target):
+                if artifact in declared:
+                    c.fail(where, f"{' '.join(map(str, artifact))} is already declared in {declared[artifact]}",
+                           "declare each graph, batch size and precision once per chip")
+                declared[artifact] = where
+            targets.append(target)
+    targets = tuple(targets)
     cal = c.mapping(m.get("calibration", {}), f"{path}.calibration", ("samples", "data"))
     samples = c.typed(cal.get("samples", 8), f"{path}.calibration.samples", int, "an integer")
     if not 1 <= samples <= 10000:
@@ -267,6 +284,12 @@ def _checkpoint(c: _Checker, raw, path: str, base_dir: Path) -> tuple[Checkpoint
         c.fail(f"{path}.path", f"checkpoint file {p} does not exist",
                "download it (e.g. model_base_retrieval_coco.pth from the BLIP release) or fix the path")
     return Checkpoint("pth", path=str(p)), None
+
+
+def _artifacts_of(t: Target) -> list[tuple]:
+    """What a target block builds, as (graph, batch[, precision]); OM names carry no precision mode."""
+    return [(g, f"bs{bs}", *((p,) if t.backend == "tpu_mlir" else ())) for g in t.graphs for bs in t.batch_sizes
+            for p in (t.precisions or ("",))]
 
 
 def _target(c: _Checker, chip: str, raw, path: str, model_graphs: tuple[str, ...]) -> Target:

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from datetime import datetime, timezone
@@ -21,6 +22,9 @@ from buildplan import config as config_mod
 from buildplan import toolchains
 from buildplan.plan import Node, Plan, build_plan
 from buildplan.state import Store, sha256_file
+
+
+_MEASURE_RSS = Path(__file__).with_name("measure_rss.py")
 
 
 class StageError(RuntimeError):
@@ -75,17 +79,19 @@ class Context:
         env.update(env_extra or {})
         self.log(f"$ (cd {cwd} && {' '.join(argv)})")
         start = len(self.log_path.read_bytes()) if self.log_path.exists() else 0
+        rss_file = self.staging / f".peak_rss.{time.monotonic_ns()}"
+        rss_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as f:
-            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen([sys.executable, str(_MEASURE_RSS), str(rss_file), *argv], cwd=cwd, env=env,
+                                    stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
-                # wait4, not wait: its rusage holds the peak RSS of the command and its waited-for children.
-                _, status, usage = os.wait4(proc.pid, 0)
+                proc.wait()
             except BaseException:
-                proc.kill()
+                proc.terminate()  # the launcher passes it on to the tool
                 proc.wait()
                 raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        self.tool_peak_rss = max(self.tool_peak_rss, usage.ru_maxrss * 1024)  # Linux reports KiB
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            self.tool_peak_rss = max(self.tool_peak_rss, int(rss_file.read_text()))
         with open(self.log_path, "rb") as f:
             f.seek(start)
             output = f.read().decode(errors="replace")

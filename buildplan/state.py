@@ -222,8 +222,8 @@ class Store:
                     continue
                 try:
                     rec = json.loads(p.read_text())
-                except json.JSONDecodeError:
-                    continue
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue  # dropped by a task that just started (parallel builds), or torn
                 for rel, meta in rec["outputs"].items():
                     if (self.root / rel).exists():
                         entries.append({"path": rel, **meta, "node": rec["node"], "stage": rec["stage"],

@@ -31,9 +31,14 @@ def causal_mask(length: int) -> torch.Tensor:
     return torch.from_numpy(np.triu(np.full((length, length), _MASKED, dtype=np.float32), 1)[None, None])
 
 
-def _with_enc_token(ids: torch.Tensor) -> torch.Tensor:
-    # BLIP replaces [CLS] by [ENC] when the text encoder attends to the image.
-    return torch.cat([torch.full_like(ids[:, :1], ENC_ID), ids[:, 1:]], dim=1)
+def _embeds_with_enc_token(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """Word embeddings of ids with [CLS] replaced by [ENC], as BLIP does when the text encoder
+    attends to the image. Replaced on the embeddings, not on the ids: TPU-MLIR 1.30.2 turns ids
+    that pass through a Concat into F16/BF16/INT8 values, and its Gather then reads out of bounds
+    (blip_itm crashed at those precisions)."""
+    words = text_encoder.embeddings.word_embeddings
+    enc = words.weight[ENC_ID].expand(ids.shape[0], 1, -1)
+    return torch.cat([enc, words(ids[:, 1:])], dim=1)
 
 
 class TextEmbed(nn.Module):
@@ -72,8 +77,9 @@ class ItmLogits(nn.Module):
 
     def forward(self, image_feat, text_ids, text_atten_mask):
         # Every image token is valid: no encoder mask at all (transformers then attends to all).
-        h = self.text_encoder(input_ids=_with_enc_token(text_ids), attention_mask=padding_mask(text_atten_mask),
-                              encoder_hidden_states=image_feat, return_dict=False)[0]
+        h = self.text_encoder(inputs_embeds=_embeds_with_enc_token(self.text_encoder, text_ids),
+                              attention_mask=padding_mask(text_atten_mask), encoder_hidden_states=image_feat,
+                              return_dict=False)[0]
         return self.itm_head(h[:, 0, :])
 
 
@@ -127,8 +133,9 @@ class VqaQuestion(nn.Module):
         self.text_encoder = m.text_encoder
 
     def forward(self, image_embeds, input_ids, attention_mask):
-        return self.text_encoder(input_ids=_with_enc_token(input_ids), attention_mask=padding_mask(attention_mask),
-                                 encoder_hidden_states=image_embeds, return_dict=False)[0]
+        return self.text_encoder(inputs_embeds=_embeds_with_enc_token(self.text_encoder, input_ids),
+                                 attention_mask=padding_mask(attention_mask), encoder_hidden_states=image_embeds,
+                                 return_dict=False)[0]
 
 
 class VqaAnswer(nn.Module):

@@ -45,7 +45,22 @@ CASES = [
     (lambda r: r["models"][0].update(checkpoint={"synthetic": "huge"}), "models[0].checkpoint.synthetic", "tiny, base"),
     (lambda r: r["models"][0].update(image_size=100), "models[0].image_size", "multiple of the patch size"),
     (lambda r: r.update(models=[]), "models", "non-empty list"),
+    (lambda r: r["models"][1]["targets"].update(bm1684=[{"precisions": ["F32"]}, {"precisions": ["INT8", "F32"]}]),
+     "models[1].targets.bm1684[1]", "already declared in models[1].targets.bm1684[0]"),
+    (lambda r: r["models"][1]["targets"].update(bm1684=[{"precisions": ["F32"]}, {"precisions": ["F16"]}]),
+     "models[1].targets.bm1684[1].precisions[0]", "F32, INT8"),
 ]
+
+
+def test_a_chip_takes_several_settings_blocks(tmp_path):
+    """The image encoder in several precisions, the text graphs in F32, on one chip."""
+    path = tmp_path / "models.yaml"
+    path.write_text(yaml.safe_dump(mutate(lambda r: r["models"][1]["targets"].update(bm1684x=[
+        {"graphs": ["blip_vqa_venc"], "precisions": ["F32", "F16", "INT8"]},
+        {"graphs": ["blip_vqa_tenc", "blip_vqa_tdec"], "precisions": ["F32"]}]))))
+    blocks = [t for t in config.load(path).models[1].targets if t.name == "bm1684x"]
+    assert [(t.graphs, t.precisions) for t in blocks] == [
+        (("blip_vqa_venc",), ("F32", "F16", "INT8")), (("blip_vqa_tenc", "blip_vqa_tdec"), ("F32",))]
 
 
 @pytest.mark.parametrize("change,field,allowed", CASES, ids=[c[1] for c in CASES])

@@ -155,3 +155,27 @@ def test_fixed_batch_graph_states_its_output_dims(tmp_path):
     onnx.save(model, path)
     check_onnx_io(path, spec, dims, 4)
     assert [d.dim_value for d in onnx.load(path).graph.output[0].type.tensor_type.shape.dim] == [4, 256]
+
+
+def test_unrolled_decoder_simplifies_to_a_fully_static_graph(tmp_path, checkpoints):
+    """One onnxsim pass leaves Shape ops in the later decoding steps; simplify_static repeats
+    until none are left (TPU-MLIR failed on the leftovers)."""
+    import onnx
+
+    from export.simplify import simplify_static, still_dynamic
+
+    dims = resolve_dims("tiny", "vqa")
+    model, _ = loading.load_model(str(checkpoints["vqa"]), "pth", "vqa", dims)
+    spec = GRAPHS["blip_vqa_tdec"]
+    example = make_inputs(spec, dims, 1)
+    path = tmp_path / "tdec.onnx"
+    with torch.no_grad():
+        torch.onnx.export(build(spec, model, dims), tuple(torch.from_numpy(v) for v in example.values()), str(path),
+                          input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                          dynamic_axes={t.name: {0: spec.batch_axis_name} for t in spec.inputs + spec.outputs},
+                          opset_version=spec.opset, dynamo=False)  # batch dynamic, as the onnx stage exports
+    raw = onnx.load(str(path))
+    shapes = spec.shapes(dims, 1)
+    simplified, passes = simplify_static(raw, shapes)
+    assert passes >= 2 and not still_dynamic(simplified)
+    assert not any(n.op_type == "Gemm" for n in simplified.graph.node)  # no onnxsim fusions (see simplify.py)
