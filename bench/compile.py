@@ -3,7 +3,7 @@ and the number of model_transform runs vs what the seed scripts run for the same
 
     .venv/bin/python bench/compile.py          # the default models.yaml's SOPHGO matrix (tiny demo)
     .venv/bin/python bench/compile.py --base   # plus blip_vqa_venc at BLIP-base size, bs1, F32, bm1684x
-    .venv/bin/python bench/compile.py --base --skip-tiny
+    .venv/bin/python bench/compile.py --base --skip-tiny [--no-simulate]
 
 Everything is built from scratch in artifacts-bench/compile/ (the real stages through doit).
 """
@@ -71,6 +71,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", action="store_true", help="also the BLIP-base image graph (bs1, F32, bm1684x)")
     ap.add_argument("--skip-tiny", action="store_true", help="only the --base part")
+    ap.add_argument("--no-simulate", action="store_true",
+                    help="base: compile only, no cmodel run (it takes tens of minutes at this size)")
     ap.add_argument("--workdir", default=str(REPO / "artifacts-bench" / "compile"))
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -81,7 +83,10 @@ def main():
         report(*build(work / "tiny", [m for m in sophgo if m["targets"]]))
     if args.base:
         print("\n== BLIP-base blip_vqa_venc (480 px), bs1, F32, bm1684x")
-        report(*build(work / "base", [BASE_MODEL]))
+        model = BASE_MODEL
+        if args.no_simulate:
+            model = {**BASE_MODEL, "targets": {"bm1684x": {"precisions": ["F32"], "simulate": False}}}
+        report(*build(work / "base", [model]))
 
 
 if __name__ == "__main__":

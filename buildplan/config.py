@@ -10,9 +10,8 @@ import json
 import os
 import re
 import tempfile
-from typing import NamedTuple
 from pathlib import Path
-
+from typing import NamedTuple
 
 from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
