@@ -12,7 +12,7 @@ def _plan():
     dodo = sys.modules.get("dodo")
     if dodo is None or not hasattr(dodo, "PLAN"):
         raise SystemExit("error: run this from the project folder (dodo.py defines the plan)")
-    return dodo.PLAN, dodo.CONFIG_PATH
+    return dodo.PLAN
 
 
 class Stale(DoitCmdBase):
@@ -28,7 +28,7 @@ class Stale(DoitCmdBase):
     def _execute(self, as_json=False, check=False):
         from buildplan import report
 
-        plan, _ = _plan()
+        plan = _plan()
         stale = report.stale_nodes(plan)
         if as_json:
             print(json.dumps(report.as_json(plan, stale), indent=1))
@@ -54,7 +54,7 @@ class Nightly(Run):
         from buildplan import nightly
         from buildplan.tasks import available_targets
 
-        plan, _ = _plan()
+        plan = _plan()
         ok, skipped = available_targets(plan)
         started = nightly.now()
         self.sel_tasks = [g for g in plan.groups if g.startswith("export:")] + [f"compile:{t}" for t in ok]

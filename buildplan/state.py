@@ -235,8 +235,9 @@ class Store:
 def explain(old: dict, new: dict) -> list[dict]:
     """Turn a fingerprint difference into sentences a user can act on."""
     out = []
-    for key in sorted(set(flatten(old.get("params"))) | set(flatten(new.get("params")))):
-        a, b = flatten(old.get("params")).get(key, "<unset>"), flatten(new.get("params")).get(key, "<unset>")
+    old_params, new_params = flatten(old.get("params")), flatten(new.get("params"))
+    for key in sorted(set(old_params) | set(new_params)):
+        a, b = old_params.get(key, "<unset>"), new_params.get(key, "<unset>")
         if a != b:
             out.append({"kind": "param", "text": f"parameter {key} changed from {a!r} to {b!r}"})
     changed = [f for f in sorted(set(old.get("code", {})) | set(new.get("code", {})))

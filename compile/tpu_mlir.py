@@ -1,8 +1,9 @@
 """Stages `transform`, `calibrate`, `bmodel`: SOPHGO bmodels with TPU-MLIR.
 
 model_transform runs once per (graph, batch size): the top MLIR does not depend on the chip,
-so every chip and precision shares it (the seed scripts redo it per chip). Its outputs are
-checked against ONNX Runtime, and each bmodel against the top MLIR on the chip's cmodel.
+so every chip and precision shares it (the seed scripts redo it per chip). The top MLIR's
+outputs, and each bmodel's outputs on the chip's cmodel, are accepted against the export
+stage's ONNX reference (`.io.npz`).
 """
 from __future__ import annotations
 
@@ -227,7 +228,7 @@ def run_deploy(node: Node, ctx) -> dict:
                 cwd=work, what="model_runner.py (cmodel run of the bmodel)")
         with np.load(work / "bmodel_outputs.npz") as z:
             produced = [z[k] for k in z.files]
-        _, reference = read_io(ctx.path(ctx.plan.nodes[ctx.plan.nodes[transform_id].deps[0]].outputs[1]))
+        _, reference = read_io(ctx.dep_output(ctx.plan.nodes[transform_id].deps[0], ".io.npz"))
         figures["bmodel_vs_onnx"] = worst(accept(GRAPHS[p["graph"]], reference, produced, p["precision"]))
     shutil.move(work / name, ctx.tmp(node.outputs[0]))
     return {"figures": figures, "simulated": bool(p["simulate"])}
