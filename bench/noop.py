@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--runs", type=int, default=25)
     args = ap.parse_args()
     from buildplan import config
-    from buildplan.plan import build_plan
+    from buildplan.plan import build_plan, plan_for
 
     plan = build_plan(config.load(REPO / "models.yaml"))
     subprocess.run([DOIT], cwd=REPO, check=True, capture_output=True)  # make sure all buildable is built
@@ -66,6 +66,10 @@ def main():
     for _ in range(20):
         build_plan(config.load(REPO / "models.yaml"))
     plan_ms = (time.perf_counter() - t) / 20 * 1000
+    t = time.perf_counter()
+    for _ in range(20):
+        plan_for(config.load(REPO / "models.yaml"))
+    memo_ms = (time.perf_counter() - t) / 20 * 1000
     print(f"tasks: {count} artifact nodes (default matrix)")
     print(f"medians of {args.runs} interleaved runs        wall     CPU")
     print(f"bare doit, {count} trivial up-to-date tasks: {bare * 1000:5.0f} ms {bare_cpu * 1000:5.0f} ms")
@@ -73,6 +77,7 @@ def main():
           f"  -> ratio {ours / bare:.2f}x wall, {ours_cpu / bare_cpu:.2f}x CPU")
     print(f"doit stale on the default matrix:           {stale * 1000:5.0f} ms {stale_cpu * 1000:5.0f} ms")
     print(f"plan expansion (config load + build_plan):  {plan_ms:.1f} ms")
+    print(f"plan from its memo (config load + plan_for): {memo_ms:.1f} ms")
 
 
 if __name__ == "__main__":

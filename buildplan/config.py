@@ -9,10 +9,10 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from buildplan.files import atomic_write
 from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
 from export.specs import GRAPHS, graphs_for_task
@@ -166,11 +166,7 @@ def _parse_yaml(text: bytes, shown: str):
     try:
         as_json = json.dumps(raw)
         if json.loads(as_json) == raw:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=memo.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(as_json)
-            os.replace(tmp, memo)
+            atomic_write(memo, as_json, durable=False)
     except (TypeError, ValueError, OSError):
         pass  # not JSON-shaped (dates, non-string keys) or a read-only cache: parse each time
     return raw

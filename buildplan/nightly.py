@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from buildplan.plan import Plan
-from buildplan.state import Store, atomic_write
+from buildplan.files import atomic_write
+from buildplan.state import Store
 
 
 def now() -> str:

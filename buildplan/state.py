@@ -6,16 +6,17 @@ Records are committed one by one, atomically, the moment an artifact finishes.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from buildplan import toolchains
+from buildplan.files import atomic_write, stat_key
 from buildplan.plan import Node, Plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,20 +35,7 @@ def code_hash(rel: str) -> str:
     return hashlib.sha256((REPO / rel).read_bytes()).hexdigest()[:16]
 
 
-def atomic_write(path: str | Path, data: bytes | str):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+_THIS_FILE = stat_key(__file__)
 
 
 def safe_name(node_id: str) -> str:
@@ -74,6 +62,10 @@ class Store:
         self._hashcache: dict | None = None
         self._records: dict[str, tuple] = {}
         self._state_str = str(self.state_dir)
+        self._verdicts: dict[str, str] | None = None  # node id -> key under which it was found fresh
+        self._verdicts_dirty = False
+        self._code_stats: dict[str, tuple | None] = {}
+        self._toolchain_reprs: dict[str | None, str] = {}
 
     # --- records ----------------------------------------------------------------------
     def record_path(self, node_id: str) -> Path:
@@ -170,6 +162,15 @@ class Store:
     # --- freshness --------------------------------------------------------------------
     def check(self, node: Node) -> list[dict]:
         """Reasons the artifact is not fresh; an empty list means fresh."""
+        key = self._verdict_key(node)
+        if key is not None and self._load_verdicts().get(node.id) == key:
+            return []
+        reasons = self._check(node)
+        if not reasons and key is not None:
+            self._remember_fresh(node.id, key)
+        return reasons
+
+    def _check(self, node: Node) -> list[dict]:
         rec = self.read(node.id)
         reasons = []
         for rel in node.outputs:
@@ -205,6 +206,59 @@ class Store:
     def is_fresh(self, node: Node) -> bool:
         return not self.check(node)
 
+    # --- verdict memo -----------------------------------------------------------------
+    # A node found fresh stays fresh while nothing _check reads has changed: its declaration,
+    # its toolchain, and the files (record, outputs, upstream records, build code, sources), which
+    # are compared by inode, size, mtime and ctime (any write or replace changes ctime). A no-op
+    # run then stats files instead of parsing every record and recomputing every fingerprint.
+    # Keys are self-validating, so a lost, old or concurrently written memo costs only a recheck.
+    VERDICTS = "verdicts.json"
+
+    def _verdict_key(self, node: Node) -> str | None:
+        record = stat_key(f"{self._state_str}/{safe_name(node.id)}.json")
+        if record is None:
+            return None  # never built: nothing to remember
+        files = [record]
+        files += [stat_key(f"{self._state_str}/{safe_name(d)}.json") for d in node.deps]
+        files += [stat_key(f"{self.plan.root}/{rel}") for rel in node.outputs]
+        files += [stat_key(src) for src in node.sources]
+        for rel in node.code:
+            if rel not in self._code_stats:
+                self._code_stats[rel] = stat_key(REPO / rel)
+            files.append(self._code_stats[rel])
+        if node.toolchain not in self._toolchain_reprs:
+            self._toolchain_reprs[node.toolchain] = repr(toolchains.get(node.toolchain, self.plan.config)
+                                                         if node.toolchain else None)
+        # The plan's signature stands for every node's declaration (repr costs ~15 us a node).
+        # This file goes in too: it defines what fresh means. repr, not canonical JSON: a
+        # spurious mismatch only costs a full check.
+        declared = (self.plan.signature, node.id) if self.plan.signature else node
+        return hashlib.sha1(repr((self.plan.root, _THIS_FILE, declared, self._toolchain_reprs[node.toolchain],
+                                  files)).encode()).hexdigest()
+
+    def _load_verdicts(self) -> dict:
+        if self._verdicts is None:
+            try:
+                self._verdicts = json.loads((self.state_dir / self.VERDICTS).read_bytes())
+            except (OSError, ValueError):
+                self._verdicts = {}
+        return self._verdicts
+
+    def _remember_fresh(self, node_id: str, key: str):
+        verdicts = self._load_verdicts()
+        if verdicts.get(node_id) == key:
+            return
+        verdicts[node_id] = key
+        if not self._verdicts_dirty:
+            self._verdicts_dirty = True
+            atexit.register(self._save_verdicts)  # once per process, not once per node
+
+    def _save_verdicts(self):
+        keep = {k: v for k, v in self._verdicts.items() if k in self.plan.nodes}
+        with contextlib.suppress(OSError):  # a read-only artifacts tree: no memo, still correct
+            atomic_write(self.state_dir / self.VERDICTS, json.dumps(keep), durable=False)
+        self._verdicts_dirty = False
+
     # --- manifest ---------------------------------------------------------------------
     @contextlib.contextmanager
     def _manifest_lock(self):
@@ -218,7 +272,7 @@ class Store:
         with self._manifest_lock():
             entries = []
             for p in sorted(self.state_dir.glob("*.json")):
-                if p.name == "hashcache.json":
+                if p.name in ("hashcache.json", self.VERDICTS):
                     continue
                 try:
                     rec = json.loads(p.read_text())
@@ -234,6 +288,7 @@ class Store:
 
 def explain(old: dict, new: dict) -> list[dict]:
     """Turn a fingerprint difference into sentences a user can act on."""
+    new = json.loads(json.dumps(new, default=str))  # as recorded: tuples become lists
     out = []
     old_params, new_params = flatten(old.get("params")), flatten(new.get("params"))
     for key in sorted(set(old_params) | set(new_params)):

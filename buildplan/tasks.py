@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import sys
-from functools import partial
 
 from buildplan import toolchains
 from buildplan.plan import Plan
-from buildplan.runner import clean_task, run_task
 from buildplan.state import Store
 
 STAGE_DOCS = {
@@ -18,6 +16,20 @@ STAGE_DOCS = {
 
 def _fresh(store: Store, node_id: str) -> bool:
     return store.is_fresh(store.plan.nodes[node_id])
+
+
+# The runner (subprocess, socket, datetime...) is imported only when a task really runs:
+# a no-op `doit` never needs it.
+def _run(config_path: str, node_id: str):
+    from buildplan.runner import run_task
+
+    return run_task(config_path, node_id)
+
+
+def _clean(config_path: str, node_id: str):
+    from buildplan.runner import clean_task
+
+    return clean_task(config_path, node_id)
 
 
 def _check_toolchain(name: str, config):
@@ -56,11 +68,13 @@ def generate(plan: Plan, config_path: str):
             task_dep.insert(0, f"toolchain:{node.toolchain}")
         yield {
             "basename": basename, "name": name,
-            "actions": [(run_task, [config_path, node.id])],
+            "actions": [(_run, [config_path, node.id])],
             "task_dep": task_dep,
-            "uptodate": [partial(_fresh, store, node.id)],
+            # (function, args), not a partial: doit inspects each uptodate's signature, twice as
+            # slow for a partial
+            "uptodate": [(_fresh, [store, node.id])],
             "targets": [f"{plan.root}/{o}" for o in node.outputs],
-            "clean": [(clean_task, [config_path, node.id])],
+            "clean": [(_clean, [config_path, node.id])],
             "doc": f"{STAGE_DOCS[node.stage]}: {', '.join(node.outputs[:1])}{' ...' if len(node.outputs) > 1 else ''}",
         }
     for group, members in sorted(plan.groups.items()):

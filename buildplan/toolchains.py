@@ -1,14 +1,16 @@
 """Find the toolchains that build artifacts and say exactly which build of each is in use.
 
 An identity (version + build hash) is part of every artifact's fingerprint: a different
-TPU-MLIR or CANN build makes its artifacts stale. Detection only stats and reads small
-files, so a no-op build stays fast.
+TPU-MLIR or CANN build makes its artifacts stale. Identities hash large files (TPU-MLIR's
+RECORD, the atc binary), so each is memoised on disk while the files it came from keep their
+stat keys: a no-op build only stats them.
 """
 from __future__ import annotations
 
 import functools
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from buildplan.config import cache_dir
+from buildplan.files import atomic_write, stat_key
 
 TPU_MLIR_VERSION = "1.30.2"
 TPU_MLIR_HOWTO = ("run ./bootstrap.sh (installs TPU-MLIR {v} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
@@ -69,8 +72,35 @@ def _installed_versions(names) -> dict:
     return {n: found.get(n) for n in names}
 
 
+def _memoised(name: str, watched: list[str], identify) -> Toolchain:
+    """identify(), reused from the cache while every watched path keeps its stat key. Installing
+    or removing a package renames a dist-info folder, which changes its parent's stat key."""
+    key = f"{name}:{'|'.join(watched)}"
+    stats = [list(k) if k else None for k in map(stat_key, watched)]
+    memo_path = cache_dir() / "toolchains.json"
+    try:
+        memo = json.loads(memo_path.read_bytes())
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(key)
+    if hit and hit["stats"] == stats:
+        return Toolchain(**hit["toolchain"])
+    tc = identify()
+    if tc.available:  # a missing toolchain is cheap to detect and its message depends on the env
+        memo[key] = {"stats": stats, "toolchain": tc._asdict()}
+        try:
+            atomic_write(memo_path, json.dumps(memo), durable=False)
+        except OSError:
+            pass  # a read-only cache: identify again next time
+    return tc
+
+
 @functools.cache
 def python_libs() -> Toolchain:
+    return _memoised("python", [entry or "." for entry in sys.path], _identify_python_libs)
+
+
+def _identify_python_libs() -> Toolchain:
     versions = _installed_versions(PYTHON_LIBS)
     missing = [k for k, v in versions.items() if v is None]
     return Toolchain("python", not missing, {"version": versions["torch"] or "?", "libs": versions},
@@ -90,6 +120,12 @@ def tpu_mlir(configured: str | None = None) -> Toolchain:
     bin_dir = root / "bin"
     if not (bin_dir / "model_deploy.py").is_file():
         return Toolchain("tpu_mlir", False, problem=f"TPU-MLIR not found at {root} (no bin/model_deploy.py): {TPU_MLIR_HOWTO}")
+    site_dirs = sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages")))
+    return _memoised("tpu_mlir", [str(bin_dir / "model_deploy.py"), *site_dirs],
+                     lambda: _identify_tpu_mlir(root, bin_dir))
+
+
+def _identify_tpu_mlir(root: Path, bin_dir: Path) -> Toolchain:
     dist = sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages" / "tpu_mlir-*.dist-info")))
     if dist:
         version = Path(dist[-1]).name[len("tpu_mlir-"):-len(".dist-info")]
@@ -99,13 +135,17 @@ def tpu_mlir(configured: str | None = None) -> Toolchain:
     return Toolchain("tpu_mlir", True, {"version": version, "build": build}, str(bin_dir))
 
 
-def _atc_version(atc: Path) -> tuple[str, Path | None]:
+def _atc_version_files(atc: Path) -> list[Path]:
     """CANN writes version.info (Version=...) next to each component; look upwards from atc."""
     home = os.environ.get("ASCEND_TOOLKIT_HOME")
     candidates = [p / name for p in list(atc.resolve().parents)[:4] for name in ("version.info", "version.cfg")]
     if home:
         candidates += [Path(home) / "compiler" / "version.info", Path(home) / "version.cfg"]
-    for c in candidates:
+    return candidates
+
+
+def _atc_version(atc: Path) -> tuple[str, Path | None]:
+    for c in _atc_version_files(atc):
         if c.is_file():
             m = re.search(r"^\s*(?:Version|version)\s*=\s*(\S+)", c.read_text(errors="replace"), re.M)
             if m:
@@ -127,6 +167,11 @@ def atc() -> Toolchain:
     if found is None:
         where = f"ASCEND_TOOLKIT_HOME={home} has no bin/atc" if home else "atc is not on PATH and ASCEND_TOOLKIT_HOME is unset"
         return Toolchain("atc", False, problem=f"ATC (Ascend CANN toolkit) not found: {where}; {ATC_HOWTO}")
+    watched = [found, found.parent / "STANDIN", *_atc_version_files(found)]
+    return _memoised("atc", [str(p) for p in watched], lambda: _identify_atc(found))
+
+
+def _identify_atc(found: Path) -> Toolchain:
     version, info = _atc_version(found)
     standin = (found.parent / "STANDIN").exists()
     return Toolchain("atc", True, {"version": version, "build": _sha(found, 1 << 20)},

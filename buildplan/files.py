@@ -1,0 +1,36 @@
+"""File primitives shared by config, toolchains and state (this module imports none of them)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, data: bytes | str, durable: bool = True):
+    """Readers see the old or the new content, never a torn file. durable=False skips the fsync,
+    for caches whose loss costs only a recomputation."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def stat_key(path: str | Path) -> tuple | None:
+    """What changes whenever a file is written or replaced: a rename gives a new inode, and any
+    write moves ctime, which (unlike mtime) a user cannot set back. None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

@@ -1,0 +1,158 @@
+"""The no-op shortcuts never hide a change: the freshness-verdict memo, the toolchain identity
+memo and the plan memo each answer from the cache only while everything they depend on is as it
+was, and each is shown to really answer from the cache."""
+import json
+import os
+import shutil
+
+import pytest
+
+from buildplan import config, plan as plan_mod, state, toolchains
+from buildplan.plan import build_plan, plan_for
+from buildplan.state import Store
+from conftest import REPO, doit, write_config
+
+
+def _model(batch_sizes=(1,)):
+    return [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 3}, "graphs": ["BLIP_text"],
+             "targets": {"ascend310p3": {"graphs": ["BLIP_text"], "batch_sizes": list(batch_sizes)}}}]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("memo")
+    cfg = write_config(d / "models.yaml", _model(), d / "artifacts")
+    doit(cfg, "onnx:m")
+    doit(cfg, "onnx:m")  # finds both nodes fresh and, on exit, remembers that
+    return cfg
+
+
+def _store(cfg):
+    toolchains.reset()
+    return Store(plan_for(config.load(cfg)))  # as dodo.py does: the plan's signature is in the keys
+
+
+def _no_full_check(monkeypatch):
+    def refuse(self, node):
+        raise AssertionError(f"{node.id} was fully checked")
+    monkeypatch.setattr(Store, "_check", refuse)
+
+
+def test_fresh_verdicts_are_remembered_and_used(exported, monkeypatch):
+    store = _store(exported)
+    remembered = json.loads((store.state_dir / Store.VERDICTS).read_text())
+    assert set(remembered) == {"checkpoint:m", "onnx:m"}
+    _no_full_check(monkeypatch)
+    assert store.check(store.plan.nodes["onnx:m"]) == []
+
+
+def test_output_edited_in_place_is_caught(exported, tmp_path):
+    store = _store(exported)
+    onnx_node = store.plan.nodes["onnx:m"]
+    out = store.root / onnx_node.outputs[0]
+    original = out.read_bytes()
+    try:
+        out.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, new content
+        assert [r["kind"] for r in _store(exported).check(onnx_node)] == ["output_modified"]
+    finally:
+        out.write_bytes(original)
+    assert _store(exported).check(onnx_node) == []  # sizes, mtimes differ; the hashes match again
+
+
+def test_changed_upstream_record_is_caught(exported):
+    store = _store(exported)
+    rec_path = store.record_path("checkpoint:m")
+    original = rec_path.read_text()
+    try:
+        rec = json.loads(original)
+        rec["digest"] = "0" * 64
+        rec_path.write_text(json.dumps(rec))
+        reasons = _store(exported).check(store.plan.nodes["onnx:m"])
+        assert [r["kind"] for r in reasons] == ["upstream"], reasons
+    finally:
+        rec_path.write_text(original)
+
+
+def test_edited_build_code_and_other_toolchain_are_caught(exported, tmp_path, monkeypatch):
+    node = _store(exported).plan.nodes["onnx:m"]
+    fake_repo = tmp_path / "repo"
+    shutil.copytree(REPO, fake_repo, ignore=shutil.ignore_patterns(".venv", "artifacts*", ".git", "__pycache__"))
+    with open(fake_repo / "export/stage.py", "a") as f:
+        f.write("\n# edited\n")
+    monkeypatch.setattr(state, "REPO", fake_repo)
+    state.code_hash.cache_clear()
+    try:
+        assert "code" in {r["kind"] for r in _store(exported).check(node)}
+    finally:
+        monkeypatch.setattr(state, "REPO", REPO)
+        state.code_hash.cache_clear()
+    real = toolchains.python_libs()
+    other = real._replace(identity={**real.identity, "libs": {**real.identity["libs"], "onnx": "0.0.1"}})
+    store = _store(exported)
+    monkeypatch.setattr(toolchains, "python_libs", lambda: other)
+    assert "toolchain" in {r["kind"] for r in store.check(node)}
+
+
+def _fake_tpu_mlir(root, version, record):
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "bin/model_deploy.py").write_text("# stand-in\n")
+    site = root / "lib/python3.10/site-packages"
+    for old in site.glob("tpu_mlir-*.dist-info") if site.exists() else ():
+        shutil.rmtree(old)
+    dist = site / f"tpu_mlir-{version}.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "RECORD").write_text(record)
+
+
+def test_toolchain_identity_memo_follows_reinstalls(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "tpu"
+    _fake_tpu_mlir(root, "1.2.3", "a,sha256=1,1\n")
+    toolchains.reset()
+    first = toolchains.tpu_mlir(str(root))
+    assert first.identity["version"] == "1.2.3" and (tmp_path / "cache/toolchains.json").is_file()
+
+    monkeypatch.setattr(toolchains, "_identify_tpu_mlir", lambda *a: pytest.fail("identified again"))
+    toolchains.reset()
+    assert toolchains.tpu_mlir(str(root)) == first  # from the memo
+    monkeypatch.undo()
+    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+
+    _fake_tpu_mlir(root, "1.2.3", "a,sha256=2,1\n")  # same version, another build (pip reinstall)
+    toolchains.reset()
+    rebuilt = toolchains.tpu_mlir(str(root))
+    assert rebuilt.identity["version"] == "1.2.3" and rebuilt.identity["build"] != first.identity["build"]
+    _fake_tpu_mlir(root, "1.2.4", "a,sha256=2,1\n")
+    toolchains.reset()
+    assert toolchains.tpu_mlir(str(root)).identity["version"] == "1.2.4"
+    toolchains.reset()
+
+
+def test_plan_memo_follows_config_and_code(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    cfg = write_config(tmp_path / "models.yaml", _model(), tmp_path / "artifacts")
+    first = plan_for(config.load(cfg))
+    assert first.signature and set(first.nodes) == set(build_plan(config.load(cfg)).nodes)
+
+    expansions = []
+    real_build = plan_mod.build_plan
+    monkeypatch.setattr(plan_mod, "build_plan", lambda c: expansions.append(1) or real_build(c))
+    again = plan_for(config.load(cfg))
+    assert expansions == [] and again.nodes == first.nodes and again.signature == first.signature
+
+    write_config(cfg, _model(batch_sizes=(1, 2)), tmp_path / "artifacts")
+    grown = plan_for(config.load(cfg))
+    assert expansions == [1] and "simplify:m.BLIP_text.bs2" in grown.nodes
+
+    fake_repo = tmp_path / "repo"
+    shutil.copytree(REPO, fake_repo, ignore=shutil.ignore_patterns(".venv", "artifacts*", ".git", "__pycache__"))
+    monkeypatch.setattr(plan_mod, "REPO", fake_repo)
+    plan_for(config.load(cfg))
+    assert expansions == [1, 1]  # another checkout: its own code stats
+    stage = fake_repo / "compile/atc.py"
+    stage.write_text(stage.read_text() + "\n# edited\n")
+    plan_for(config.load(cfg))
+    assert expansions == [1, 1, 1]
+    os.utime(cfg)  # touching the config alone changes nothing the plan is made of
+    plan_for(config.load(cfg))
+    assert expansions == [1, 1, 1]
