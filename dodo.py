@@ -14,17 +14,17 @@ from doit import get_var
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Where PYTHONDONTWRITEBYTECODE is set, a module edited since ./bootstrap.sh would be compiled
-# from source on every run (~10 ms of a ~110 ms no-op): keep bytecode for the modules imported here.
+# from source on every run (~25 ms for the modules a no-op imports): keep their bytecode.
 _dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, False
 
 from buildplan import config as _config  # noqa: E402
 from buildplan import lock as _lock  # noqa: E402
-from buildplan.plan import plan_for  # noqa: E402
+from buildplan.plan import build_plan  # noqa: E402
 from buildplan.tasks import generate  # noqa: E402
 
 CONFIG_PATH = str(Path(get_var("config", str(_config.default_config_path()))).resolve())
 try:
-    PLAN = plan_for(_config.load(CONFIG_PATH))
+    PLAN = build_plan(_config.load(CONFIG_PATH))
 except _config.ConfigError as e:  # a user mistake: one clear message, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,5 +1,6 @@
 """No-op build cost: `doit` on the default matrix (everything built) vs bare doit with the same
-number of trivial up-to-date tasks, both measured in this one run. Also times `doit stale`.
+number of trivial up-to-date tasks, both measured in this one run. Also times `doit stale` and
+the plan expansion, cold (in a fresh interpreter, as in every doit run).
 
     .venv/bin/python bench/noop.py [--runs 25]
 """
@@ -16,13 +17,29 @@ REPO = Path(__file__).resolve().parent.parent
 DOIT = str(Path(sys.executable).parent / "doit")
 sys.path.insert(0, str(REPO))
 
+# Two baselines. uptodate=True: tasks that never run, so doit keeps no state for them.
+# run_once (doit.tools): tasks that ran once and are up to date since, so doit keeps a state entry
+# for each and calls a function to decide, as it does for our artifacts.
 BARE = '''
+from doit.tools import run_once
 DOIT_CONFIG = {"dep_file": %r, "backend": "json", "verbosity": 1}
 def ok():
     return True
 def task_t():
     for i in range(%d):
-        yield {"name": str(i), "actions": [ok], "uptodate": [True], "targets": []}
+        yield {"name": str(i), "actions": [ok], "uptodate": [%s], "targets": []}
+'''
+
+# doit is imported first, as in a real run; prints the milliseconds the plan took
+COLD_PLAN = '''
+import sys, time
+import doit.doit_cmd
+sys.path.insert(0, %r)
+t = time.perf_counter()
+from buildplan import config
+from buildplan.plan import build_plan
+plan = build_plan(config.load(%r))
+print((time.perf_counter() - t) * 1000)
 '''
 
 
@@ -37,14 +54,19 @@ def once(argv, cwd) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def interleaved(commands, runs):
-    """Alternate the commands run by run, so load from other processes hits all of them alike;
-    report each one's median wall and median CPU time."""
+def interleaved(commands, runs) -> list[list[tuple[float, float]]]:
+    """Alternate the commands run by run, so load from other processes hits all of them alike."""
     times = [[] for _ in commands]
     for _ in range(runs):
         for i, (argv, cwd) in enumerate(commands):
             times[i].append(once(argv, cwd))
-    return [(statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for t in times]
+    return times
+
+
+def cold_plan_ms(runs: int) -> float:
+    code = COLD_PLAN % (str(REPO), str(REPO / "models.yaml"))
+    return statistics.median(float(subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                                                  capture_output=True, text=True).stdout) for _ in range(runs))
 
 
 def main():
@@ -52,32 +74,33 @@ def main():
     ap.add_argument("--runs", type=int, default=25)
     args = ap.parse_args()
     from buildplan import config
-    from buildplan.plan import build_plan, plan_for
+    from buildplan.plan import build_plan
 
-    plan = build_plan(config.load(REPO / "models.yaml"))
+    count = len(build_plan(config.load(REPO / "models.yaml")).nodes)
     subprocess.run([DOIT], cwd=REPO, check=True, capture_output=True)  # make sure all buildable is built
-    count = len(plan.nodes)
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "dodo.py").write_text(BARE % (str(Path(d) / ".db"), count))
-        subprocess.run([DOIT], cwd=d, check=True, capture_output=True)
-        (bare, bare_cpu), (ours, ours_cpu), (stale, stale_cpu) = interleaved(
-            [([DOIT], d), ([DOIT], REPO), ([DOIT, "stale"], REPO)], args.runs)
-    t = time.perf_counter()
-    for _ in range(20):
-        build_plan(config.load(REPO / "models.yaml"))
-    plan_ms = (time.perf_counter() - t) / 20 * 1000
-    t = time.perf_counter()
-    for _ in range(20):
-        plan_for(config.load(REPO / "models.yaml"))
-    memo_ms = (time.perf_counter() - t) / 20 * 1000
-    print(f"tasks: {count} artifact nodes (default matrix)")
-    print(f"medians of {args.runs} interleaved runs        wall     CPU")
-    print(f"bare doit, {count} trivial up-to-date tasks: {bare * 1000:5.0f} ms {bare_cpu * 1000:5.0f} ms")
-    print(f"doit no-op on the default matrix:           {ours * 1000:5.0f} ms {ours_cpu * 1000:5.0f} ms"
-          f"  -> ratio {ours / bare:.2f}x wall, {ours_cpu / bare_cpu:.2f}x CPU")
-    print(f"doit stale on the default matrix:           {stale * 1000:5.0f} ms {stale_cpu * 1000:5.0f} ms")
-    print(f"plan expansion (config load + build_plan):  {plan_ms:.1f} ms")
-    print(f"plan from its memo (config load + plan_for): {memo_ms:.1f} ms")
+    with tempfile.TemporaryDirectory() as never, tempfile.TemporaryDirectory() as once_:
+        for d, uptodate in ((never, "True"), (once_, "run_once")):
+            Path(d, "dodo.py").write_text(BARE % (str(Path(d) / ".db"), count, uptodate))
+            subprocess.run([DOIT], cwd=d, check=True, capture_output=True)
+        bare, bare_once, ours, stale = interleaved(
+            [([DOIT], never), ([DOIT], once_), ([DOIT], REPO), ([DOIT, "stale"], REPO)], args.runs)
+
+    def ms(samples, pick):
+        return pick(s for s in samples) * 1000
+
+    print(f"tasks: {count} artifact nodes (default matrix); {args.runs} interleaved rounds")
+    print("                                            median wall / CPU      min wall / CPU")
+    for label, t in (("bare doit, trivial tasks, uptodate=True", bare), ("bare doit, trivial tasks, run_once", bare_once),
+                     ("doit no-op on the default matrix", ours), ("doit stale on the default matrix", stale)):
+        walls, cpus = [w for w, _ in t], [c for _, c in t]
+        print(f"{label:43s} {ms(walls, statistics.median):5.0f} / {ms(cpus, statistics.median):3.0f} ms"
+              f"      {ms(walls, min):5.0f} / {ms(cpus, min):3.0f} ms")
+    for label, base in (("uptodate=True", bare), ("run_once", bare_once)):
+        ratio = lambda f: f(w for w, _ in ours) / f(w for w, _ in base)  # noqa: E731
+        per_round = statistics.median(o[0] / b[0] for o, b in zip(ours, base))
+        print(f"no-op / bare ({label}): {ratio(statistics.median):.2f}x (medians), {ratio(min):.2f}x (minimums), "
+              f"{per_round:.2f}x (median of per-round ratios)")
+    print(f"plan, cold (importing config and plan, config load, build_plan): {cold_plan_ms(11):.1f} ms")
 
 
 if __name__ == "__main__":

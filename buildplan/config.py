@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.files import atomic_write
+from buildplan.files import atomic_write, keep_newest
 from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
 from export.specs import GRAPHS, graphs_for_task
@@ -167,6 +167,7 @@ def _parse_yaml(text: bytes, shown: str):
         as_json = json.dumps(raw)
         if json.loads(as_json) == raw:
             atomic_write(memo, as_json, durable=False)
+            keep_newest(memo.parent, 256)  # one file per config text ever loaded (tests make many)
     except (TypeError, ValueError, OSError):
         pass  # not JSON-shaped (dates, non-string keys) or a read-only cache: parse each time
     return raw

@@ -34,3 +34,16 @@ def stat_key(path: str | Path) -> tuple | None:
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def keep_newest(folder: Path, keep: int):
+    """Delete all but the `keep` most recently written files of a cache folder (never the
+    hidden temporary files of writes in flight)."""
+    try:
+        entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+    except FileNotFoundError:
+        return
+    entries.sort(key=lambda e: e.stat().st_mtime_ns, reverse=True)
+    for entry in entries[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)

@@ -5,19 +5,11 @@ dodo.py, the stale report, nightly and the tests all share this one expansion.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import os
-import pickle
-import sys
-from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.config import Config, Model, cache_dir
-from buildplan.files import atomic_write, stat_key
+from buildplan.config import Config, Model
 from export.presets import resolve_dims
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Node(NamedTuple):  # a NamedTuple, not a dataclass: cheaper to define (no-op speed)
@@ -43,7 +35,6 @@ class Plan:
         self.nodes: dict[str, Node] = {}
         self.groups: dict[str, list[str]] = {}  # "compile:bm1684x" -> node ids
         self.target_backend: dict[str, str] = {}
-        self.signature: str | None = None  # digest of what it was expanded from (plan_for), if known
 
     @property
     def root(self) -> str:
@@ -93,29 +84,6 @@ def build_plan(config: Config) -> Plan:
             plan.target_backend[target.name] = target.backend
             stage = tpu_stage if target.backend == "tpu_mlir" else atc_stage
             stage.declare(plan, model, dims, target, onnx, simplify_stage)
-    return plan
-
-
-def plan_for(config: Config) -> Plan:
-    """build_plan(config), reused from the cache while the validated config and every source file
-    of the project's packages are unchanged: expanding imports all the stage modules, about 2 ms
-    of every no-op `doit`. Validation is never skipped: it checks the user's files exist."""
-    code = [(d, f, stat_key(REPO / d / f)) for d in ("buildplan", "export", "compile")
-            for f in sorted(os.listdir(REPO / d)) if f.endswith(".py")]
-    key = hashlib.sha256(repr((sys.version, config, code)).encode()).hexdigest().encode()
-    memo = cache_dir() / "plans" / f"{hashlib.sha256(config.path.encode()).hexdigest()[:16]}.pickle"
-    try:
-        with open(memo, "rb") as f:
-            if f.read(len(key)) == key:
-                return pickle.load(f)
-    except Exception:  # missing, torn or unreadable: expand again
-        pass
-    plan = build_plan(config)
-    plan.signature = key.decode()
-    try:
-        atomic_write(memo, key + pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL), durable=False)
-    except OSError:
-        pass  # a read-only cache: expand each time
     return plan
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from buildplan import config as config_mod
 from buildplan import toolchains
-from buildplan.plan import Node, Plan, plan_for
+from buildplan.plan import Node, Plan, build_plan
 from buildplan.state import Store, sha256_file
 
 
@@ -33,7 +33,7 @@ class StageError(RuntimeError):
 
 @functools.cache
 def load_plan(config_path: str) -> Plan:
-    return plan_for(config_mod.load(config_path))
+    return build_plan(config_mod.load(config_path))
 
 
 class Context:

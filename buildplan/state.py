@@ -229,11 +229,9 @@ class Store:
         if node.toolchain not in self._toolchain_reprs:
             self._toolchain_reprs[node.toolchain] = repr(toolchains.get(node.toolchain, self.plan.config)
                                                          if node.toolchain else None)
-        # The plan's signature stands for every node's declaration (repr costs ~15 us a node).
         # This file goes in too: it defines what fresh means. repr, not canonical JSON: a
         # spurious mismatch only costs a full check.
-        declared = (self.plan.signature, node.id) if self.plan.signature else node
-        return hashlib.sha1(repr((self.plan.root, _THIS_FILE, declared, self._toolchain_reprs[node.toolchain],
+        return hashlib.sha1(repr((self.plan.root, _THIS_FILE, node, self._toolchain_reprs[node.toolchain],
                                   files)).encode()).hexdigest()
 
     def _load_verdicts(self) -> dict:

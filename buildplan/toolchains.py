@@ -172,7 +172,7 @@ def atc() -> Toolchain:
 
 
 def _identify_atc(found: Path) -> Toolchain:
-    version, info = _atc_version(found)
+    version, _ = _atc_version(found)
     standin = (found.parent / "STANDIN").exists()
     return Toolchain("atc", True, {"version": version, "build": _sha(found, 1 << 20)},
                      str(found.parent), standin=standin)

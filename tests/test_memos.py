@@ -1,14 +1,15 @@
-"""The no-op shortcuts never hide a change: the freshness-verdict memo, the toolchain identity
-memo and the plan memo each answer from the cache only while everything they depend on is as it
-was, and each is shown to really answer from the cache."""
+"""The no-op shortcuts never hide a change: the freshness-verdict memo and the toolchain identity
+memo answer from the cache only while everything they depend on is as it was, and each is shown
+to really answer from the cache."""
 import json
 import os
 import shutil
 
 import pytest
 
-from buildplan import config, plan as plan_mod, state, toolchains
-from buildplan.plan import build_plan, plan_for
+from buildplan import config, state, toolchains
+from buildplan.files import keep_newest
+from buildplan.plan import build_plan
 from buildplan.state import Store
 from conftest import REPO, doit, write_config
 
@@ -29,7 +30,7 @@ def exported(tmp_path_factory):
 
 def _store(cfg):
     toolchains.reset()
-    return Store(plan_for(config.load(cfg)))  # as dodo.py does: the plan's signature is in the keys
+    return Store(build_plan(config.load(cfg)))
 
 
 def _no_full_check(monkeypatch):
@@ -128,31 +129,10 @@ def test_toolchain_identity_memo_follows_reinstalls(tmp_path, monkeypatch):
     toolchains.reset()
 
 
-def test_plan_memo_follows_config_and_code(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
-    cfg = write_config(tmp_path / "models.yaml", _model(), tmp_path / "artifacts")
-    first = plan_for(config.load(cfg))
-    assert first.signature and set(first.nodes) == set(build_plan(config.load(cfg)).nodes)
-
-    expansions = []
-    real_build = plan_mod.build_plan
-    monkeypatch.setattr(plan_mod, "build_plan", lambda c: expansions.append(1) or real_build(c))
-    again = plan_for(config.load(cfg))
-    assert expansions == [] and again.nodes == first.nodes and again.signature == first.signature
-
-    write_config(cfg, _model(batch_sizes=(1, 2)), tmp_path / "artifacts")
-    grown = plan_for(config.load(cfg))
-    assert expansions == [1] and "simplify:m.BLIP_text.bs2" in grown.nodes
-
-    fake_repo = tmp_path / "repo"
-    shutil.copytree(REPO, fake_repo, ignore=shutil.ignore_patterns(".venv", "artifacts*", ".git", "__pycache__"))
-    monkeypatch.setattr(plan_mod, "REPO", fake_repo)
-    plan_for(config.load(cfg))
-    assert expansions == [1, 1]  # another checkout: its own code stats
-    stage = fake_repo / "compile/atc.py"
-    stage.write_text(stage.read_text() + "\n# edited\n")
-    plan_for(config.load(cfg))
-    assert expansions == [1, 1, 1]
-    os.utime(cfg)  # touching the config alone changes nothing the plan is made of
-    plan_for(config.load(cfg))
-    assert expansions == [1, 1, 1]
+def test_cache_folders_keep_only_the_newest(tmp_path):
+    for i in range(5):
+        (tmp_path / f"{i}.json").write_text("{}")
+        os.utime(tmp_path / f"{i}.json", ns=(i * 10**9, i * 10**9))
+    (tmp_path / ".3.json.x.tmp").write_text("")  # another process's write in flight
+    keep_newest(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".3.json.x.tmp", "3.json", "4.json"]
