@@ -17,29 +17,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # from source on every run (~25 ms for the modules a no-op imports): keep their bytecode.
 _dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, False
 
-from buildplan import config as _config  # noqa: E402
 from buildplan import lock as _lock  # noqa: E402
-from buildplan.plan import build_plan  # noqa: E402
-from buildplan.tasks import generate  # noqa: E402
+from buildplan import snapshot as _snapshot  # noqa: E402
+from buildplan.files import default_config_path  # noqa: E402
+from buildplan import tasks as _tasks  # noqa: E402  (not `from ... import task_specs`: doit runs task_* names)
 
-CONFIG_PATH = str(Path(get_var("config", str(_config.default_config_path()))).resolve())
-try:
-    PLAN = build_plan(_config.load(CONFIG_PATH))
-except _config.ConfigError as e:  # a user mistake: one clear message, no traceback
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-finally:
-    sys.dont_write_bytecode = _dont_write_bytecode
+CONFIG_PATH = str(Path(get_var("config", str(default_config_path()))).resolve())
+_SNAPSHOT = _snapshot.load(CONFIG_PATH)  # only if nothing changed since the last full check
+if _SNAPSHOT:
+    _SPECS, _ROOT, _FRESH = _SNAPSHOT["tasks"], _SNAPSHOT["root"], frozenset(_SNAPSHOT["fresh"])
+else:
+    from buildplan import config as _config
+    from buildplan.plan import build_plan
 
-_lock.hold_if_building(PLAN.root, sys.argv[1:])
+    try:
+        PLAN = build_plan(_config.load(CONFIG_PATH))
+    except _config.ConfigError as e:  # a user mistake: one clear message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _SPECS, _ROOT, _FRESH = _tasks.task_specs(PLAN), PLAN.root, frozenset()
+    _tasks.store_for(CONFIG_PATH, PLAN)
+    _snapshot.take_at_exit(CONFIG_PATH, PLAN)
+sys.dont_write_bytecode = _dont_write_bytecode
+
+_lock.hold_if_building(_ROOT, sys.argv[1:])
 
 DOIT_CONFIG = {
     "default_tasks": ["default"],
-    "dep_file": str(Path(PLAN.root) / ".doit.db"),
+    "dep_file": str(Path(_ROOT) / ".doit.db"),
     "backend": "json",
     "verbosity": 1,
 }
 
 
 def task_blip():
-    yield from generate(PLAN, CONFIG_PATH)
+    yield from _tasks.to_doit(_SPECS, CONFIG_PATH, _FRESH)
+
+
+def __getattr__(name):  # `doit stale` and `doit nightly` need the plan, also on the fast path
+    if name == "PLAN":
+        return _tasks.store_for(CONFIG_PATH).plan
+    raise AttributeError(name)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.files import atomic_write, keep_newest
+from buildplan.files import atomic_write, cache_dir, default_config_path, keep_newest
 from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
 from export.specs import GRAPHS, graphs_for_task
@@ -131,20 +131,12 @@ def _kind(value) -> str:
             float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
 
 
-def default_config_path() -> Path:
-    return Path(os.environ.get("BLIPC_CONFIG") or Path(__file__).resolve().parent.parent / "models.yaml")
-
-
 def load(path: str | os.PathLike | None = None) -> Config:
     path = Path(path or default_config_path()).resolve()
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
     if not path.is_file():
         raise ConfigError(shown, "", "config file not found", "create it (see models.yaml) or pass config=FILE / BLIPC_CONFIG")
     return validate(_parse_yaml(path.read_bytes(), shown), shown, path.parent)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BLIPC_CACHE") or Path.home() / ".cache" / "blipc")
 
 
 def _parse_yaml(text: bytes, shown: str):

@@ -1,10 +1,22 @@
-"""File primitives shared by config, toolchains and state (this module imports none of them)."""
+"""File primitives and well-known places, shared by config, toolchains, state and the no-op
+snapshot (this module imports none of them)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CODE_DIRS = ("buildplan", "export", "compile")  # every module that can change a plan or an artifact
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("BLIPC_CONFIG") or REPO / "models.yaml")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BLIPC_CACHE") or Path.home() / ".cache" / "blipc")
 
 
 def atomic_write(path: str | Path, data: bytes | str, durable: bool = True):

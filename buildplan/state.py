@@ -249,9 +249,11 @@ class Store:
         verdicts[node_id] = key
         if not self._verdicts_dirty:
             self._verdicts_dirty = True
-            atexit.register(self._save_verdicts)  # once per process, not once per node
+            atexit.register(self.save_verdicts)  # once per process, not once per node
 
-    def _save_verdicts(self):
+    def save_verdicts(self):
+        if not self._verdicts_dirty:
+            return
         keep = {k: v for k, v in self._verdicts.items() if k in self.plan.nodes}
         with contextlib.suppress(OSError):  # a read-only artifacts tree: no memo, still correct
             atomic_write(self.state_dir / self.VERDICTS, json.dumps(keep), durable=False)

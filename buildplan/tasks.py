@@ -1,21 +1,17 @@
-"""Turn the plan into doit tasks. Freshness is ours (records + fingerprints), not doit's."""
+"""Turn the plan into doit tasks. Freshness is ours (records + fingerprints), not doit's.
+
+Imports here stay light: on the no-op fast path (buildplan/snapshot.py) tasks are made from data
+and the plan, the state and the toolchains are loaded only if doit asks about a task.
+"""
 from __future__ import annotations
 
 import sys
-
-from buildplan import toolchains
-from buildplan.plan import Plan
-from buildplan.state import Store
 
 STAGE_DOCS = {
     "checkpoint": "synthetic checkpoint", "onnx": "raw split ONNX graphs (one load)", "simplify": "onnxsim per batch size",
     "transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table", "bmodel": "SOPHGO bmodel",
     "om": "Ascend OM",
 }
-
-
-def _fresh(store: Store, node_id: str) -> bool:
-    return store.is_fresh(store.plan.nodes[node_id])
 
 
 # The runner (subprocess, socket, datetime...) is imported only when a task really runs:
@@ -32,14 +28,9 @@ def _clean(config_path: str, node_id: str):
     return clean_task(config_path, node_id)
 
 
-def _check_toolchain(name: str, config):
-    from doit.exceptions import TaskFailed
+def available_targets(plan) -> tuple[list[str], dict[str, str]]:
+    from buildplan import toolchains
 
-    tc = toolchains.get(name, config)
-    return None if tc.available else TaskFailed(tc.problem)
-
-
-def available_targets(plan: Plan) -> tuple[list[str], dict[str, str]]:
     ok, skipped = [], {}
     for target, backend in plan.target_backend.items():
         tc = toolchains.get(backend, plan.config)
@@ -55,37 +46,88 @@ def _report_default(skipped: dict[str, str]):
         print(f"skipped compile:{target}: {why}", file=sys.stderr)
 
 
-def generate(plan: Plan, config_path: str):
-    store = Store(plan)
+def _check_toolchain(problem: str):
+    from doit.exceptions import TaskFailed
+
+    return TaskFailed(problem)
+
+
+_STORES: dict = {}  # config path -> the Store that answers freshness
+
+
+def store_for(config_path: str, plan=None):
+    """The Store for a config, made from `plan` if given, else from the config when first needed."""
+    if config_path not in _STORES:
+        from buildplan.state import Store
+
+        if plan is None:
+            from buildplan import config
+            from buildplan.plan import build_plan
+
+            plan = build_plan(config.load(config_path))
+        _STORES[config_path] = Store(plan)
+    return _STORES[config_path]
+
+
+def _fresh(config_path: str, node_id: str) -> bool:
+    store = store_for(config_path)
+    return store.is_fresh(store.plan.nodes[node_id])
+
+
+def task_specs(plan) -> list[dict]:
+    """The doit tasks as plain data (JSON-able), so the no-op snapshot can keep them."""
+    from buildplan import toolchains
+
+    specs = []
     for backend in sorted(set(plan.target_backend.values())):
         tc = toolchains.get(backend, plan.config)
-        yield {"basename": f"toolchain:{backend}", "actions": [(_check_toolchain, [backend, plan.config])],
-               "uptodate": [tc.available], "doc": f"check that {backend} is installed ({tc.label})", "verbosity": 2}
+        specs.append({"basename": f"toolchain:{backend}", "problem": None if tc.available else tc.problem,
+                      "doc": f"check that {backend} is installed ({tc.label})"})
     for node in plan.nodes.values():
         basename, name = node.id.split(":", 1)
         task_dep = list(node.deps)
         if node.toolchain in ("tpu_mlir", "atc"):
             task_dep.insert(0, f"toolchain:{node.toolchain}")
-        yield {
-            "basename": basename, "name": name,
-            "actions": [(_run, [config_path, node.id])],
-            "task_dep": task_dep,
-            # (function, args), not a partial: doit inspects each uptodate's signature, twice as
-            # slow for a partial
-            "uptodate": [(_fresh, [store, node.id])],
+        specs.append({
+            "basename": basename, "name": name, "task_dep": task_dep,
             "targets": [f"{plan.root}/{o}" for o in node.outputs],
-            "clean": [(_clean, [config_path, node.id])],
             "doc": f"{STAGE_DOCS[node.stage]}: {', '.join(node.outputs[:1])}{' ...' if len(node.outputs) > 1 else ''}",
-        }
+        })
     for group, members in sorted(plan.groups.items()):
         deps = list(members)
         target = group.split(":", 1)[1]
         if group.startswith("compile:"):
             deps.insert(0, f"toolchain:{plan.target_backend[target]}")
         what = "every artifact for" if group.startswith("compile:") else "checkpoint, raw and per-batch ONNX of"
-        yield {"basename": group, "actions": None, "task_dep": deps, "doc": f"{what} {target}"}
+        specs.append({"basename": group, "task_dep": deps, "doc": f"{what} {target}"})
     ok, skipped = available_targets(plan)
-    yield {"basename": "default",
-           "actions": [(_report_default, [skipped])] if skipped else None,
-           "task_dep": [g for g in plan.groups if g.startswith("export:")] + [f"compile:{t}" for t in ok],
-           "doc": "everything this machine can build (skipped targets are listed)", "verbosity": 2}
+    specs.append({"basename": "default", "skipped": skipped,
+                  "task_dep": [g for g in plan.groups if g.startswith("export:")] + [f"compile:{t}" for t in ok],
+                  "doc": "everything this machine can build (skipped targets are listed)"})
+    return specs
+
+
+def to_doit(specs: list[dict], config_path: str, fresh=frozenset()):
+    """doit task dicts. Nodes in `fresh` are known up to date (the no-op snapshot); the others are
+    checked when doit asks, against records and fingerprints."""
+    for spec in specs:
+        basename = spec["basename"]
+        if "name" in spec:
+            node_id = f"{basename}:{spec['name']}"
+            yield {
+                **spec, "actions": [(_run, [config_path, node_id])],
+                # (function, args), not a partial: doit inspects each uptodate's signature, twice as
+                # slow for a partial
+                "uptodate": [True] if node_id in fresh else [(_fresh, [config_path, node_id])],
+                "clean": [(_clean, [config_path, node_id])],
+            }
+        elif basename.startswith("toolchain:"):
+            problem = spec["problem"]
+            yield {"basename": basename, "actions": [(_check_toolchain, [problem])] if problem else None,
+                   "uptodate": [problem is None], "doc": spec["doc"], "verbosity": 2}
+        elif basename == "default":
+            skipped = spec["skipped"]
+            yield {"basename": basename, "actions": [(_report_default, [skipped])] if skipped else None,
+                   "task_dep": spec["task_dep"], "doc": spec["doc"], "verbosity": 2}
+        else:
+            yield {**spec, "actions": None}

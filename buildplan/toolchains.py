@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.config import cache_dir
-from buildplan.files import atomic_write, stat_key
+from buildplan.files import atomic_write, cache_dir, stat_key
 
 TPU_MLIR_VERSION = "1.30.2"
 TPU_MLIR_HOWTO = ("run ./bootstrap.sh (installs TPU-MLIR {v} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
@@ -72,6 +71,11 @@ def _installed_versions(names) -> dict:
     return {n: found.get(n) for n in names}
 
 
+# Per toolchain, the paths whose stat keys decide whether it is found and which build it is
+# (the no-op snapshot watches them too).
+WATCHED: dict[str, list[str]] = {}
+
+
 def _memoised(name: str, watched: list[str], identify) -> Toolchain:
     """identify(), reused from the cache while every watched path keeps its stat key. Installing
     or removing a package renames a dist-info folder, which changes its parent's stat key."""
@@ -97,7 +101,8 @@ def _memoised(name: str, watched: list[str], identify) -> Toolchain:
 
 @functools.cache
 def python_libs() -> Toolchain:
-    return _memoised("python", [entry or "." for entry in sys.path], _identify_python_libs)
+    WATCHED["python"] = [entry or "." for entry in sys.path]
+    return _memoised("python", WATCHED["python"], _identify_python_libs)
 
 
 def _identify_python_libs() -> Toolchain:
@@ -118,11 +123,11 @@ def tpu_mlir_root(configured: str | None = None) -> Path:
 def tpu_mlir(configured: str | None = None) -> Toolchain:
     root = tpu_mlir_root(configured)
     bin_dir = root / "bin"
+    WATCHED["tpu_mlir"] = [str(bin_dir / "model_deploy.py"), str(root / "lib")]
     if not (bin_dir / "model_deploy.py").is_file():
         return Toolchain("tpu_mlir", False, problem=f"TPU-MLIR not found at {root} (no bin/model_deploy.py): {TPU_MLIR_HOWTO}")
-    site_dirs = sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages")))
-    return _memoised("tpu_mlir", [str(bin_dir / "model_deploy.py"), *site_dirs],
-                     lambda: _identify_tpu_mlir(root, bin_dir))
+    WATCHED["tpu_mlir"] += sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages")))
+    return _memoised("tpu_mlir", WATCHED["tpu_mlir"], lambda: _identify_tpu_mlir(root, bin_dir))
 
 
 def _identify_tpu_mlir(root: Path, bin_dir: Path) -> Toolchain:
@@ -156,19 +161,17 @@ def _atc_version(atc: Path) -> tuple[str, Path | None]:
 @functools.cache
 def atc() -> Toolchain:
     home = os.environ.get("ASCEND_TOOLKIT_HOME")
-    found = None
-    if home:
-        for cand in (Path(home) / "bin" / "atc", Path(home) / "compiler" / "bin" / "atc"):
-            if cand.is_file() and os.access(cand, os.X_OK):
-                found = cand
-                break
+    homes = (Path(home) / "bin" / "atc", Path(home) / "compiler" / "bin" / "atc") if home else ()
+    # an atc copied into any PATH folder changes that folder's stat key
+    WATCHED["atc"] = [str(p) for p in homes] + [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    found = next((c for c in homes if c.is_file() and os.access(c, os.X_OK)), None)
     if found is None and shutil.which("atc"):
         found = Path(shutil.which("atc"))
     if found is None:
         where = f"ASCEND_TOOLKIT_HOME={home} has no bin/atc" if home else "atc is not on PATH and ASCEND_TOOLKIT_HOME is unset"
         return Toolchain("atc", False, problem=f"ATC (Ascend CANN toolkit) not found: {where}; {ATC_HOWTO}")
-    watched = [found, found.parent / "STANDIN", *_atc_version_files(found)]
-    return _memoised("atc", [str(p) for p in watched], lambda: _identify_atc(found))
+    WATCHED["atc"] += [str(p) for p in (found, found.parent / "STANDIN", *_atc_version_files(found))]
+    return _memoised("atc", WATCHED["atc"], lambda: _identify_atc(found))
 
 
 def _identify_atc(found: Path) -> Toolchain:
@@ -191,3 +194,4 @@ def get(name: str, config=None) -> Toolchain:
 def reset():
     for f in (python_libs, tpu_mlir, atc):
         f.cache_clear()
+    WATCHED.clear()

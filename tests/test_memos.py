@@ -1,30 +1,30 @@
-"""The no-op shortcuts never hide a change: the freshness-verdict memo and the toolchain identity
-memo answer from the cache only while everything they depend on is as it was, and each is shown
-to really answer from the cache."""
+"""The no-op shortcuts never hide a change: the no-op snapshot, the freshness-verdict memo and the
+toolchain identity memo answer from the cache only while everything they depend on is as it
+was, and each is shown to really answer from the cache."""
 import json
 import os
 import shutil
 
 import pytest
 
-from buildplan import config, state, toolchains
+from buildplan import config, snapshot, state, toolchains
 from buildplan.files import keep_newest
 from buildplan.plan import build_plan
 from buildplan.state import Store
-from conftest import REPO, doit, write_config
+from conftest import REPO, STANDIN_BIN, doit, executed, write_config
 
 
-def _model(batch_sizes=(1,)):
-    return [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 3}, "graphs": ["BLIP_text"],
-             "targets": {"ascend310p3": {"graphs": ["BLIP_text"], "batch_sizes": list(batch_sizes)}}}]
+def _model(batch_sizes=(1,), seed=3):
+    return [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": seed}, "graphs": ["BLIP_text"],
+             "targets": {"ascend310p3": {"graphs": ["BLIP_text"], "batch_sizes": list(batch_sizes)},
+                         "bm1684x": {"graphs": ["BLIP_text"], "precisions": ["F32"]}}}]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("memo")
     cfg = write_config(d / "models.yaml", _model(), d / "artifacts")
-    doit(cfg, "onnx:m")
-    doit(cfg, "onnx:m")  # finds both nodes fresh and, on exit, remembers that
+    doit(cfg, "onnx:m")  # on exit it checks every node again and remembers the fresh ones
     return cfg
 
 
@@ -136,3 +136,100 @@ def test_cache_folders_keep_only_the_newest(tmp_path):
     (tmp_path / ".3.json.x.tmp").write_text("")  # another process's write in flight
     keep_newest(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".3.json.x.tmp", "3.json", "4.json"]
+
+
+# --- the no-op snapshot ---------------------------------------------------------------------
+
+def _taken(cfg) -> dict:
+    toolchains.reset()
+    snapshot.take(str(cfg), build_plan(config.load(cfg)))
+    snap = snapshot.load(str(cfg))
+    assert snap is not None
+    return snap
+
+
+def test_noop_runs_from_the_snapshot_until_something_changes(tmp_path):
+    cfg = write_config(tmp_path / "models.yaml", _model(), tmp_path / "artifacts")
+    doit(cfg, "onnx:m")
+    # the next run replays the snapshot: it does not even import the config module
+    replay = doit(cfg, "onnx:m", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert executed(replay) == [] and "-- onnx:m" in replay.stdout
+    assert "buildplan.snapshot" in replay.stderr and "buildplan.config" not in replay.stderr
+    # a new seed: the full path, which rebuilds exactly the checkpoint and its export
+    write_config(cfg, _model(seed=4), tmp_path / "artifacts")
+    rebuilt = doit(cfg, "onnx:m", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert "buildplan.config" in rebuilt.stderr
+    assert executed(rebuilt) == ["checkpoint:m", "onnx:m"]
+    assert executed(doit(cfg, "onnx:m")) == []
+
+
+def test_snapshot_lists_fresh_artifacts_and_tasks(exported):
+    snap = _taken(exported)
+    assert {"checkpoint:m", "onnx:m"} <= set(snap["fresh"])
+    assert not any(n.startswith(("om:", "bmodel:", "simplify:")) for n in snap["fresh"])
+    names = {t["basename"] + (":" + t["name"] if "name" in t else "") for t in snap["tasks"]}
+    assert {"onnx:m", "compile:bm1684x", "toolchain:tpu_mlir", "default"} <= names
+
+
+@pytest.mark.parametrize("change", ["config", "record", "output", "checkpoint_record_replaced", "path_env"])
+def test_snapshot_is_void_after_any_change(exported, tmp_path, monkeypatch, change):
+    _taken(exported)
+    store = _store(exported)
+    if change == "config":
+        write_config(exported, _model(batch_sizes=(1, 2)), exported.parent / "artifacts")
+    elif change == "record":
+        path = store.record_path("onnx:m")
+        path.write_text(path.read_text())  # same content, rewritten
+    elif change == "output":
+        out = store.root / store.plan.nodes["onnx:m"].outputs[0]
+        out.write_bytes(out.read_bytes())
+    elif change == "checkpoint_record_replaced":
+        store.commit(store.read("checkpoint:m"))
+    elif change == "path_env":
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    try:
+        assert snapshot.load(str(exported)) is None
+    finally:
+        write_config(exported, _model(), exported.parent / "artifacts")
+
+
+def test_snapshot_is_void_when_code_changes(exported, tmp_path, monkeypatch):
+    fake_repo = tmp_path / "repo"
+    shutil.copytree(REPO, fake_repo, ignore=shutil.ignore_patterns(".venv", "artifacts*", ".git", "__pycache__"))
+    monkeypatch.setattr(snapshot, "REPO", fake_repo)
+    _taken(exported)
+    stage = fake_repo / "compile/tpu_mlir.py"
+    stage.write_text(stage.read_text() + "\n# edited\n")
+    assert snapshot.load(str(exported)) is None
+
+
+def test_snapshot_is_void_when_a_toolchain_appears_or_changes(exported, tmp_path, monkeypatch):
+    path_dir = tmp_path / "bin"
+    path_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{path_dir}{os.pathsep}{os.environ['PATH']}")
+    tpu_root = tmp_path / "tpu"
+    _fake_tpu_mlir(tpu_root, "1.2.3", "a,sha256=1,1\n")
+    monkeypatch.setenv("BLIPC_TPU_MLIR", str(tpu_root))
+    _taken(exported)
+    shutil.copy(STANDIN_BIN / "atc", path_dir / "atc")  # CANN installed into a folder on PATH
+    assert snapshot.load(str(exported)) is None
+    _taken(exported)
+    _fake_tpu_mlir(tpu_root, "1.2.4", "a,sha256=1,1\n")  # TPU-MLIR upgraded in place
+    assert snapshot.load(str(exported)) is None
+    toolchains.reset()
+
+
+def test_snapshot_not_written_when_files_change_while_it_is_taken(exported, monkeypatch):
+    _taken(exported)
+    snapshot._file(str(exported)).unlink()
+    store = _store(exported)
+    out = store.root / store.plan.nodes["onnx:m"].outputs[0]
+    real = Store.is_fresh
+
+    def racing(self, node):  # a parallel build replaces an output mid-way
+        out.write_bytes(out.read_bytes())
+        return real(self, node)
+
+    monkeypatch.setattr(Store, "is_fresh", racing)
+    snapshot.take(str(exported), store.plan)
+    assert not snapshot._file(str(exported)).exists()

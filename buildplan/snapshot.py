@@ -1,0 +1,107 @@
+"""The no-op fast path: replay the last full check while nothing it read has changed.
+
+When a `doit` process that expanded the plan exits, it writes a snapshot: the doit tasks as
+data, which artifacts were fresh, and the stat keys (inode, size, mtime, ctime) of everything
+those answers came from: the config and the files it names, every project source file, the
+files and folders that locate and identify the toolchains, and every record, output and
+checkpoint, plus the Python and the environment variables that matter. The next `doit` stats
+those few hundred paths and, if not one changed, makes its tasks from the snapshot: no
+validation, no plan expansion, no fingerprints. Any difference, harmless or not, means the full
+path. Artifacts not fresh in the snapshot are still checked in full when doit asks.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import sys
+
+from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, stat_key
+
+ENV = ("PATH", "HOME", "ASCEND_TOOLKIT_HOME", "BLIPC_CACHE", "BLIPC_TPU_MLIR")
+FORMAT = 1
+
+
+def _file(config_path: str):
+    return cache_dir() / "noop" / f"{hashlib.sha256(config_path.encode()).hexdigest()[:16]}.json"
+
+
+def _context() -> dict:
+    return {"format": FORMAT, "python": sys.version, "prefix": sys.prefix,
+            "env": {k: os.environ.get(k) for k in ENV}}
+
+
+def _stats(paths: list[str]) -> list:
+    return [list(k) if k else None for k in map(stat_key, paths)]
+
+
+def load(config_path: str) -> dict | None:
+    """The snapshot for this config if everything it was made from is unchanged, else None."""
+    try:
+        snap = json.loads(_file(config_path).read_bytes())
+        if snap["context"] == _context() and _stats(snap["watched"]) == snap["stats"]:
+            return snap
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, torn or from another format: the full path
+    return None
+
+
+def _watched(plan) -> list[str]:
+    from buildplan import toolchains
+    from buildplan.state import Store
+
+    paths = [plan.config.path, str(REPO / "dodo.py")]
+    for d in CODE_DIRS:
+        paths += sorted(str(REPO / d / f) for f in os.listdir(REPO / d) if f.endswith(".py"))
+    for m in plan.config.models:
+        if m.checkpoint.path:
+            paths += [m.checkpoint.path, os.path.join(m.checkpoint.path, "config.json")]
+        if m.calibration.get("data"):
+            paths.append(m.calibration["data"])
+    for name in ("python", *sorted(set(plan.target_backend.values()))):
+        toolchains.get(name, plan.config)  # fills WATCHED[name]
+        paths += toolchains.WATCHED[name]
+    store = Store(plan)
+    for node in plan.nodes.values():
+        paths += [str(store.record_path(node.id)), *(f"{plan.root}/{o}" for o in node.outputs), *node.sources]
+    return paths
+
+
+def take(config_path: str, plan):
+    """Write the snapshot. Nothing computed earlier in this process is trusted (it may predate an
+    edit made during the run): stats first, then a new plan, toolchain detection and freshness
+    pass, then the stats again. A change in between aborts, so a snapshot can be missing or
+    useless, never wrong."""
+    from buildplan import config, state, toolchains
+    from buildplan.plan import build_plan
+    from buildplan.tasks import task_specs
+
+    watched = _watched(plan)
+    before = _stats(watched)
+    toolchains.reset()
+    state.code_hash.cache_clear()
+    try:
+        plan = build_plan(config.load(config_path))
+    except config.ConfigError:
+        return
+    if _watched(plan) != watched:
+        return
+    store = state.Store(plan)
+    fresh = [node_id for node_id, node in plan.nodes.items() if store.is_fresh(node)]
+    store.save_verdicts()
+    specs = task_specs(plan)
+    if _stats(watched) != before:
+        return
+    snap = {"context": _context(), "watched": watched, "stats": before, "root": plan.root,
+            "tasks": specs, "fresh": fresh}
+    try:
+        atomic_write(_file(config_path), json.dumps(snap), durable=False)
+        keep_newest(_file(config_path).parent, 64)
+    except OSError:
+        pass  # a read-only cache: the full path each time
+
+
+def take_at_exit(config_path: str, plan):
+    # registered before any Store registers its verdicts, so it runs after they are saved
+    atexit.register(take, config_path, plan)
