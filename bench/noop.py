@@ -1,6 +1,7 @@
 """No-op build cost: `doit` on the default matrix (everything built) vs bare doit with the same
-number of trivial up-to-date tasks, both measured in this one run. Also times `doit stale` and
-the plan expansion, cold (in a fresh interpreter, as in every doit run).
+number of trivial up-to-date tasks, both measured in this one run. Also times the first no-op
+after a change (no valid snapshot: the full check, and a new snapshot written at exit), `doit
+stale`, and the plan expansion, cold (in a fresh interpreter, as in every doit run).
 
     .venv/bin/python bench/noop.py [--runs 25]
 """
@@ -55,10 +56,12 @@ def once(argv, cwd) -> tuple[float, float]:
 
 
 def interleaved(commands, runs) -> list[list[tuple[float, float]]]:
-    """Alternate the commands run by run, so load from other processes hits all of them alike."""
+    """Alternate the commands run by run, so load from other processes hits all of them alike.
+    A command is (argv, cwd, prepare): prepare() runs untimed before each of its runs."""
     times = [[] for _ in commands]
     for _ in range(runs):
-        for i, (argv, cwd) in enumerate(commands):
+        for i, (argv, cwd, prepare) in enumerate(commands):
+            prepare()
             times[i].append(once(argv, cwd))
     return times
 
@@ -73,17 +76,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=25)
     args = ap.parse_args()
-    from buildplan import config
+    from buildplan import config, snapshot
     from buildplan.plan import build_plan
 
     count = len(build_plan(config.load(REPO / "models.yaml")).nodes)
     subprocess.run([DOIT], cwd=REPO, check=True, capture_output=True)  # make sure all buildable is built
+    snap = snapshot._file(str(REPO / "models.yaml"))
     with tempfile.TemporaryDirectory() as never, tempfile.TemporaryDirectory() as once_:
         for d, uptodate in ((never, "True"), (once_, "run_once")):
             Path(d, "dodo.py").write_text(BARE % (str(Path(d) / ".db"), count, uptodate))
             subprocess.run([DOIT], cwd=d, check=True, capture_output=True)
-        bare, bare_once, ours, stale = interleaved(
-            [([DOIT], never), ([DOIT], once_), ([DOIT], REPO), ([DOIT, "stale"], REPO)], args.runs)
+        nothing = lambda: None  # noqa: E731
+        bare, bare_once, ours, full, stale = interleaved(
+            [([DOIT], never, nothing), ([DOIT], once_, nothing), ([DOIT], REPO, nothing),
+             # as after any edit: no valid snapshot, so the full check, then a new snapshot at exit
+             ([DOIT], REPO, lambda: snap.unlink(missing_ok=True)),
+             ([DOIT, "stale"], REPO, nothing)], args.runs)
 
     def ms(samples, pick):
         return pick(s for s in samples) * 1000
@@ -91,7 +99,8 @@ def main():
     print(f"tasks: {count} artifact nodes (default matrix); {args.runs} interleaved rounds")
     print("                                            median wall / CPU      min wall / CPU")
     for label, t in (("bare doit, trivial tasks, uptodate=True", bare), ("bare doit, trivial tasks, run_once", bare_once),
-                     ("doit no-op on the default matrix", ours), ("doit stale on the default matrix", stale)):
+                     ("doit no-op on the default matrix", ours), ("doit no-op, first after a change", full),
+                     ("doit stale on the default matrix", stale)):
         walls, cpus = [w for w, _ in t], [c for _, c in t]
         print(f"{label:43s} {ms(walls, statistics.median):5.0f} / {ms(cpus, statistics.median):3.0f} ms"
               f"      {ms(walls, min):5.0f} / {ms(cpus, min):3.0f} ms")

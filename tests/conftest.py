@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,16 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 STANDIN_BIN = REPO / "tests" / "standin_cann" / "compiler" / "bin"
 sys.path.insert(0, str(REPO))
+
+
+def repo_copy(dest: Path, edited: str | None = None) -> Path:
+    """The project's sources copied to dest (no venv, artifacts or git); `edited`, a repo-relative
+    file, gets a comment appended: a code change that means nothing."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".venv", "artifacts*", ".git", "__pycache__"))
+    if edited:
+        with open(dest / edited, "a") as f:
+            f.write("\n# edited\n")
+    return dest
 
 
 def write_config(path: Path, models: list, artifacts: Path) -> Path:

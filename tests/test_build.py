@@ -14,7 +14,7 @@ import pytest
 
 from buildplan import config, report, state, toolchains
 from buildplan.plan import build_plan
-from conftest import REPO, STANDIN_BIN, doit, executed, write_config
+from conftest import REPO, STANDIN_BIN, doit, executed, repo_copy, write_config
 from export.synthetic import save, synthetic_state_dict
 
 pytestmark = pytest.mark.tpu_mlir
@@ -109,11 +109,7 @@ def test_fingerprint_changes_stale_exactly_the_downstream_closure(built, tmp_pat
     assert any("0.0.0-standin" in r["text"] and "9.9.9" in r["text"] for r in stale["om:r.BLIP_text.ascend310p3.bs1"])
     monkeypatch.setenv("PATH", f"{STANDIN_BIN}{os.pathsep}{os.environ['PATH']}")
     # a stage's source: TPU-MLIR stage code edited
-    fake_repo = tmp_path / "repo"
-    shutil.copytree(REPO, fake_repo, ignore=shutil.ignore_patterns(".venv", "artifacts", ".git", "__pycache__"))
-    with open(fake_repo / "compile/tpu_mlir.py", "a") as f:
-        f.write("\n# edited\n")
-    monkeypatch.setattr(state, "REPO", fake_repo)
+    monkeypatch.setattr(state, "REPO", repo_copy(tmp_path / "repo", edited="compile/tpu_mlir.py"))
     state.code_hash.cache_clear()
     stale = report.stale_nodes(plan_of(cfg))
     assert set(stale) == {n for n in plan.nodes if n.startswith(("transform:", "bmodel:"))}

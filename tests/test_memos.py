@@ -11,7 +11,7 @@ from buildplan import config, snapshot, state, toolchains
 from buildplan.files import keep_newest
 from buildplan.plan import build_plan
 from buildplan.state import Store
-from conftest import REPO, STANDIN_BIN, doit, executed, write_config
+from conftest import REPO, STANDIN_BIN, doit, executed, repo_copy, write_config
 
 
 def _model(batch_sizes=(1,), seed=3):
@@ -76,11 +76,7 @@ def test_changed_upstream_record_is_caught(exported):
 
 def test_edited_build_code_and_other_toolchain_are_caught(exported, tmp_path, monkeypatch):
     node = _store(exported).plan.nodes["onnx:m"]
-    fake_repo = tmp_path / "repo"
-    shutil.copytree(REPO, fake_repo, ignore=shutil.ignore_patterns(".venv", "artifacts*", ".git", "__pycache__"))
-    with open(fake_repo / "export/stage.py", "a") as f:
-        f.write("\n# edited\n")
-    monkeypatch.setattr(state, "REPO", fake_repo)
+    monkeypatch.setattr(state, "REPO", repo_copy(tmp_path / "repo", edited="export/stage.py"))
     state.code_hash.cache_clear()
     try:
         assert "code" in {r["kind"] for r in _store(exported).check(node)}
@@ -194,12 +190,11 @@ def test_snapshot_is_void_after_any_change(exported, tmp_path, monkeypatch, chan
 
 
 def test_snapshot_is_void_when_code_changes(exported, tmp_path, monkeypatch):
-    fake_repo = tmp_path / "repo"
-    shutil.copytree(REPO, fake_repo, ignore=shutil.ignore_patterns(".venv", "artifacts*", ".git", "__pycache__"))
+    fake_repo = repo_copy(tmp_path / "repo")
     monkeypatch.setattr(snapshot, "REPO", fake_repo)
     _taken(exported)
-    stage = fake_repo / "compile/tpu_mlir.py"
-    stage.write_text(stage.read_text() + "\n# edited\n")
+    with open(fake_repo / "compile/tpu_mlir.py", "a") as f:
+        f.write("\n# edited\n")
     assert snapshot.load(str(exported)) is None
 
 
