@@ -1,4 +1,4 @@
-"""doit entry point: models.yaml -> plan -> tasks. All logic lives in buildplan/, export/, compile/.
+"""doit entry point: models.yaml -> plan -> tasks (replayed from the no-op snapshot while nothing changed).
 
     doit                      everything this machine can build (reports skipped targets)
     doit compile:bm1684x      every artifact for one target (and what it needs)

@@ -48,6 +48,15 @@ def stat_key(path: str | Path) -> tuple | None:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def tree_paths(path: str) -> list[str]:
+    """A path and, for a folder (a transformers checkpoint), every file below it, sorted."""
+    found = [path]
+    for folder, subdirs, files in os.walk(path):
+        subdirs.sort()
+        found += [os.path.join(folder, f) for f in sorted(files)]
+    return found
+
+
 def keep_newest(folder: Path, keep: int):
     """Delete all but the `keep` most recently written files of a cache folder (never the
     hidden temporary files of writes in flight)."""

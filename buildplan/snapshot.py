@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, stat_key
+from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, stat_key, tree_paths
 
 ENV = ("PATH", "HOME", "ASCEND_TOOLKIT_HOME", "BLIPC_CACHE", "BLIPC_TPU_MLIR")
 FORMAT = 1
@@ -52,9 +52,9 @@ def _watched(plan) -> list[str]:
     from buildplan.state import Store
 
     paths = [plan.config.path, str(REPO / "dodo.py")]
-    for d in CODE_DIRS:
-        paths += sorted(str(REPO / d / f) for f in os.listdir(REPO / d) if f.endswith(".py"))
-    for m in plan.config.models:
+    for d in CODE_DIRS:  # the folders too: a module added or removed
+        paths += [str(REPO / d), *sorted(str(REPO / d / f) for f in os.listdir(REPO / d) if f.endswith(".py"))]
+    for m in plan.config.models:  # what validation looked at
         if m.checkpoint.path:
             paths += [m.checkpoint.path, os.path.join(m.checkpoint.path, "config.json")]
         if m.calibration.get("data"):
@@ -64,7 +64,8 @@ def _watched(plan) -> list[str]:
         paths += toolchains.WATCHED[name]
     store = Store(plan)
     for node in plan.nodes.values():
-        paths += [str(store.record_path(node.id)), *(f"{plan.root}/{o}" for o in node.outputs), *node.sources]
+        paths += [str(store.record_path(node.id)), *(f"{plan.root}/{o}" for o in node.outputs),
+                  *(p for src in node.sources for p in tree_paths(src))]
     return paths
 
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from buildplan import toolchains
-from buildplan.files import atomic_write, stat_key
+from buildplan.files import atomic_write, stat_key, tree_paths
 from buildplan.plan import Node, Plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +118,11 @@ class Store:
 
     # --- fingerprints -----------------------------------------------------------------
     def source_hash(self, path: str) -> str:
-        """sha256 of an external file, cached by (size, mtime, inode): no re-hash of GBs on no-op."""
+        """sha256 of an external file, cached by (size, mtime, inode): no re-hash of GBs on no-op.
+        A folder (a transformers checkpoint) hashes as the list of its files and their hashes."""
+        if os.path.isdir(path):
+            listing = [(os.path.relpath(f, path), self.source_hash(f)) for f in tree_paths(path)[1:]]
+            return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         st = os.stat(path)
         key = [st.st_size, st.st_mtime_ns, st.st_ino]
         cache = self._load_hashcache()
@@ -208,7 +212,8 @@ class Store:
 
     # --- verdict memo -----------------------------------------------------------------
     # A node found fresh stays fresh while nothing _check reads has changed: its declaration,
-    # its toolchain, and the files (record, outputs, upstream records, build code, sources), which
+    # its toolchain, and the files (record, outputs, upstream records, build code, sources and
+    # every file of a source folder), which
     # are compared by inode, size, mtime and ctime (any write or replace changes ctime). A no-op
     # run then stats files instead of parsing every record and recomputing every fingerprint.
     # Keys are self-validating, so a lost, old or concurrently written memo costs only a recheck.
@@ -221,7 +226,7 @@ class Store:
         files = [record]
         files += [stat_key(f"{self._state_str}/{safe_name(d)}.json") for d in node.deps]
         files += [stat_key(f"{self.plan.root}/{rel}") for rel in node.outputs]
-        files += [stat_key(src) for src in node.sources]
+        files += [stat_key(p) for src in node.sources for p in tree_paths(src)]
         for rel in node.code:
             if rel not in self._code_stats:
                 self._code_stats[rel] = stat_key(REPO / rel)

@@ -228,3 +228,25 @@ def test_snapshot_not_written_when_files_change_while_it_is_taken(exported, monk
     monkeypatch.setattr(Store, "is_fresh", racing)
     snapshot.take(str(exported), store.plan)
     assert not snapshot._file(str(exported)).exists()
+
+
+def test_transformers_folder_checkpoint_is_fingerprinted_file_by_file(tmp_path):
+    from buildplan import report
+    from export.loading import new_model
+    from export.presets import resolve_dims
+
+    hf = tmp_path / "hf"
+    new_model("retrieval", resolve_dims("tiny", "retrieval", None)).save_pretrained(hf)
+    model = {"name": "m", "task": "retrieval", "checkpoint": {"path": str(hf)}, "arch": "tiny", "graphs": ["BLIP_text"],
+             "targets": {"ascend310p3": {"graphs": ["BLIP_text"], "batch_sizes": [1]}}}
+    cfg = write_config(tmp_path / "models.yaml", [model], tmp_path / "artifacts")
+    assert executed(doit(cfg, "onnx:m")) == ["onnx:m"]
+    assert executed(doit(cfg, "onnx:m")) == []
+    weights = next(hf.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one weight changed in place: the folder's own stat key does not move
+    weights.write_bytes(bytes(data))
+    toolchains.reset()
+    reasons = report.stale_nodes(build_plan(config.load(cfg)))["onnx:m"]
+    assert [r["kind"] for r in reasons] == ["checkpoint"]
+    assert executed(doit(cfg, "onnx:m")) == ["onnx:m"]
