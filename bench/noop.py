@@ -94,7 +94,7 @@ def main():
              ([DOIT, "stale"], REPO, nothing)], args.runs)
 
     def ms(samples, pick):
-        return pick(s for s in samples) * 1000
+        return pick(samples) * 1000
 
     print(f"tasks: {count} artifact nodes (default matrix); {args.runs} interleaved rounds")
     print("                                            median wall / CPU      min wall / CPU")
