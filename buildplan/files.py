@@ -48,6 +48,11 @@ def stat_key(path: str | Path) -> tuple | None:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def stat_keys(paths) -> list:
+    """stat_key of each path, shaped as JSON gives it back (lists), for memos kept in JSON."""
+    return [list(k) if k else None for k in map(stat_key, paths)]
+
+
 def tree_paths(path: str) -> list[str]:
     """A path and, for a folder (a transformers checkpoint), every file below it, sorted."""
     found = [path]

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, stat_key, tree_paths
+from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, stat_keys
 
 ENV = ("PATH", "HOME", "ASCEND_TOOLKIT_HOME", "BLIPC_CACHE", "BLIPC_TPU_MLIR")
 FORMAT = 1
@@ -32,15 +32,11 @@ def _context() -> dict:
             "env": {k: os.environ.get(k) for k in ENV}}
 
 
-def _stats(paths: list[str]) -> list:
-    return [list(k) if k else None for k in map(stat_key, paths)]
-
-
 def load(config_path: str) -> dict | None:
     """The snapshot for this config if everything it was made from is unchanged, else None."""
     try:
         snap = json.loads(_file(config_path).read_bytes())
-        if snap["context"] == _context() and _stats(snap["watched"]) == snap["stats"]:
+        if snap["context"] == _context() and stat_keys(snap["watched"]) == snap["stats"]:
             return snap
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, torn or from another format: the full path
@@ -64,9 +60,8 @@ def _watched(plan) -> list[str]:
         paths += toolchains.WATCHED[name]
     store = Store(plan)
     for node in plan.nodes.values():
-        paths += [str(store.record_path(node.id)), *(f"{plan.root}/{o}" for o in node.outputs),
-                  *(p for src in node.sources for p in tree_paths(src))]
-    return paths
+        paths += store.input_files(node)
+    return list(dict.fromkeys(paths))  # an upstream record is an input of each of its consumers
 
 
 def take(config_path: str, plan):
@@ -79,7 +74,7 @@ def take(config_path: str, plan):
     from buildplan.tasks import task_specs
 
     watched = _watched(plan)
-    before = _stats(watched)
+    before = stat_keys(watched)
     toolchains.reset()
     state.code_hash.cache_clear()
     try:
@@ -92,7 +87,7 @@ def take(config_path: str, plan):
     fresh = [node_id for node_id, node in plan.nodes.items() if store.is_fresh(node)]
     store.save_verdicts()
     specs = task_specs(plan)
-    if _stats(watched) != before:
+    if stat_keys(watched) != before:
         return
     snap = {"context": _context(), "watched": watched, "stats": before, "root": plan.root,
             "tasks": specs, "fresh": fresh}

@@ -69,22 +69,26 @@ class Store:
 
     # --- records ----------------------------------------------------------------------
     def record_path(self, node_id: str) -> Path:
-        return self.state_dir / f"{safe_name(node_id)}.json"
+        return Path(self._record_file(node_id))
+
+    def _record_file(self, node_id: str) -> str:  # str, not Path: this runs for every check
+        return f"{self._state_str}/{safe_name(node_id)}.json"
 
     def log_path(self, node_id: str) -> Path:
         return self.log_dir / f"{safe_name(node_id)}.log"
 
     def read(self, node_id: str) -> dict | None:
-        """The committed record, or None. Parsed records are reused while the file's (inode, size,
-        mtime) is unchanged: a no-op check reads each upstream record once, not once per consumer.
-        Commits replace the file (new inode), so a record written by another process is seen."""
-        path = f"{self._state_str}/{safe_name(node_id)}.json"  # str, not Path: this runs per check
+        """The committed record, or None. Parsed records are reused while the file's stat key is
+        unchanged: a full check reads each upstream record once, not once per consumer. Commits
+        replace the file (new inode), so a record written by another process is seen."""
+        path = self._record_file(node_id)
+        key = stat_key(path)
+        if key is None:
+            return None
+        hit = self._records.get(node_id)
+        if hit and hit[0] == key:
+            return hit[1]
         try:
-            st = os.stat(path)
-            key = (st.st_ino, st.st_size, st.st_mtime_ns)
-            hit = self._records.get(node_id)
-            if hit and hit[0] == key:
-                return hit[1]
             with open(path, "rb") as f:
                 rec = json.loads(f.read())
         except (FileNotFoundError, json.JSONDecodeError):
@@ -212,21 +216,25 @@ class Store:
 
     # --- verdict memo -----------------------------------------------------------------
     # A node found fresh stays fresh while nothing _check reads has changed: its declaration,
-    # its toolchain, and the files (record, outputs, upstream records, build code, sources and
-    # every file of a source folder), which
-    # are compared by inode, size, mtime and ctime (any write or replace changes ctime). A no-op
-    # run then stats files instead of parsing every record and recomputing every fingerprint.
-    # Keys are self-validating, so a lost, old or concurrently written memo costs only a recheck.
+    # its toolchain, its build code and its input_files, compared by inode, size, mtime and ctime
+    # (any write or replace changes ctime). A no-op run then stats files instead of parsing every
+    # record and recomputing every fingerprint. Keys are self-validating, so a lost, old or
+    # concurrently written memo costs only a recheck.
     VERDICTS = "verdicts.json"
 
+    def input_files(self, node: Node) -> list[str]:
+        """The files a node's freshness is read from, its own record first (build code aside):
+        upstream records, outputs, and each source, a folder with every file in it."""
+        return [self._record_file(node.id), *map(self._record_file, node.deps),
+                *(f"{self.plan.root}/{rel}" for rel in node.outputs),
+                *(p for src in node.sources for p in tree_paths(src))]
+
     def _verdict_key(self, node: Node) -> str | None:
-        record = stat_key(f"{self._state_str}/{safe_name(node.id)}.json")
+        paths = self.input_files(node)
+        record = stat_key(paths[0])
         if record is None:
             return None  # never built: nothing to remember
-        files = [record]
-        files += [stat_key(f"{self._state_str}/{safe_name(d)}.json") for d in node.deps]
-        files += [stat_key(f"{self.plan.root}/{rel}") for rel in node.outputs]
-        files += [stat_key(p) for src in node.sources for p in tree_paths(src)]
+        files = [record, *map(stat_key, paths[1:])]
         for rel in node.code:
             if rel not in self._code_stats:
                 self._code_stats[rel] = stat_key(REPO / rel)

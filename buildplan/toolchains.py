@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.files import atomic_write, cache_dir, stat_key
+from buildplan.files import atomic_write, cache_dir, stat_keys
 
 TPU_MLIR_VERSION = "1.30.2"
 TPU_MLIR_HOWTO = ("run ./bootstrap.sh (installs TPU-MLIR {v} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
@@ -80,7 +80,7 @@ def _memoised(name: str, watched: list[str], identify) -> Toolchain:
     """identify(), reused from the cache while every watched path keeps its stat key. Installing
     or removing a package renames a dist-info folder, which changes its parent's stat key."""
     key = f"{name}:{'|'.join(watched)}"
-    stats = [list(k) if k else None for k in map(stat_key, watched)]
+    stats = stat_keys(watched)
     memo_path = cache_dir() / "toolchains.json"
     try:
         memo = json.loads(memo_path.read_bytes())
@@ -126,12 +126,13 @@ def tpu_mlir(configured: str | None = None) -> Toolchain:
     WATCHED["tpu_mlir"] = [str(bin_dir / "model_deploy.py"), str(root / "lib")]
     if not (bin_dir / "model_deploy.py").is_file():
         return Toolchain("tpu_mlir", False, problem=f"TPU-MLIR not found at {root} (no bin/model_deploy.py): {TPU_MLIR_HOWTO}")
-    WATCHED["tpu_mlir"] += sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages")))
-    return _memoised("tpu_mlir", WATCHED["tpu_mlir"], lambda: _identify_tpu_mlir(root, bin_dir))
+    site_dirs = sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages")))
+    WATCHED["tpu_mlir"] += site_dirs
+    return _memoised("tpu_mlir", WATCHED["tpu_mlir"], lambda: _identify_tpu_mlir(bin_dir, site_dirs))
 
 
-def _identify_tpu_mlir(root: Path, bin_dir: Path) -> Toolchain:
-    dist = sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages" / "tpu_mlir-*.dist-info")))
+def _identify_tpu_mlir(bin_dir: Path, site_dirs: list[str]) -> Toolchain:
+    dist = sorted(d for site in site_dirs for d in glob.glob(f"{site}/tpu_mlir-*.dist-info"))
     if dist:
         version = Path(dist[-1]).name[len("tpu_mlir-"):-len(".dist-info")]
         build = _sha(Path(dist[-1]) / "RECORD")  # RECORD lists every file's hash: a build identity
@@ -149,13 +150,13 @@ def _atc_version_files(atc: Path) -> list[Path]:
     return candidates
 
 
-def _atc_version(atc: Path) -> tuple[str, Path | None]:
+def _atc_version(atc: Path) -> str:
     for c in _atc_version_files(atc):
         if c.is_file():
             m = re.search(r"^\s*(?:Version|version)\s*=\s*(\S+)", c.read_text(errors="replace"), re.M)
             if m:
-                return m.group(1), c
-    return "unknown", None
+                return m.group(1)
+    return "unknown"
 
 
 @functools.cache
@@ -175,9 +176,8 @@ def atc() -> Toolchain:
 
 
 def _identify_atc(found: Path) -> Toolchain:
-    version, _ = _atc_version(found)
     standin = (found.parent / "STANDIN").exists()
-    return Toolchain("atc", True, {"version": version, "build": _sha(found, 1 << 20)},
+    return Toolchain("atc", True, {"version": _atc_version(found), "build": _sha(found, 1 << 20)},
                      str(found.parent), standin=standin)
 
 
