@@ -43,7 +43,7 @@ def stat_key(path: str | Path) -> tuple | None:
     write moves ctime, which (unlike mtime) a user cannot set back. None if it does not exist."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # 'x.pth/config.json' does not exist either
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 

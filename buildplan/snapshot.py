@@ -51,8 +51,9 @@ def _watched(plan) -> list[str]:
     for d in CODE_DIRS:  # the folders too: a module added or removed
         paths += [str(REPO / d), *sorted(str(REPO / d / f) for f in os.listdir(REPO / d) if f.endswith(".py"))]
     for m in plan.config.models:  # what validation looked at
-        if m.checkpoint.path:
-            paths += [m.checkpoint.path, os.path.join(m.checkpoint.path, "config.json")]
+        if m.checkpoint.path:  # validation looked for config.json only in a folder
+            paths += [m.checkpoint.path] + ([os.path.join(m.checkpoint.path, "config.json")]
+                                            if m.checkpoint.kind == "hf_dir" else [])
         if m.calibration.get("data"):
             paths.append(m.calibration["data"])
     for name in ("python", *sorted(set(plan.target_backend.values()))):

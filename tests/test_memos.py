@@ -250,3 +250,20 @@ def test_transformers_folder_checkpoint_is_fingerprinted_file_by_file(tmp_path):
     reasons = report.stale_nodes(build_plan(config.load(cfg)))["onnx:m"]
     assert [r["kind"] for r in reasons] == ["checkpoint"]
     assert executed(doit(cfg, "onnx:m")) == ["onnx:m"]
+
+
+def test_pth_checkpoint_run_is_replayed_without_traceback(tmp_path):
+    """A model given as a real .pth file: the snapshot stats '<ckpt>.pth/config.json', which raised
+    NotADirectoryError at exit, so every run ended in a traceback and none was ever replayed."""
+    from export.synthetic import save, synthetic_state_dict
+
+    ckpt = tmp_path / "model_base_retrieval_coco.pth"
+    save(synthetic_state_dict("retrieval", "tiny", 5), ckpt)
+    model = {"name": "p", "task": "retrieval", "checkpoint": str(ckpt), "arch": "tiny", "graphs": ["BLIP_text"],
+             "targets": {"ascend310p3": {"batch_sizes": [1]}}}
+    cfg = write_config(tmp_path / "models.yaml", [model], tmp_path / "artifacts")
+    first = doit(cfg, "onnx:p")
+    assert executed(first) == ["onnx:p"] and "Traceback" not in first.stderr, first.stderr
+    replay = doit(cfg, "onnx:p", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert executed(replay) == [] and "Traceback" not in replay.stderr, replay.stderr
+    assert "buildplan.snapshot" in replay.stderr and "buildplan.config" not in replay.stderr
