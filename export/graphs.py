@@ -5,6 +5,9 @@ its outputs in order. They share the loaded model's parameters: one load serves 
 """
 from __future__ import annotations
 
+import copy
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -93,8 +96,52 @@ class ItmScore(nn.Module):
         return torch.softmax(logits, dim=-1)[:, 1]
 
 
+class _MatMulLinear(nn.Module):
+    """x @ W^T with W^T stored once. An nn.Linear exports as MatMul(x, Transpose(W)), and the exporter
+    folds that Transpose once per use: an unrolled decoder then held one weight copy per decoding
+    step (reached through Identity nodes), which multiplied the export's memory and, after
+    onnxsim, the graph's size (base blip_cap: 24 GB at export, OOM at simplify)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+class _MaskedCrossAttention(nn.Module):
+    """transformers 5.23's BLIP text cross-attention drops its mask: BlipTextSelfAttention takes it
+    from an `encoder_attention_mask` argument that BlipTextAttention never passes, so the decoder
+    attends to every encoder state. The original BLIP (med.py) applies it. This hands it on."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, past_key_values=None, **_):
+        return self.inner(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          encoder_attention_mask=attention_mask, past_key_values=past_key_values)
+
+
+def decoder_for_export(decoder: nn.Module, shared_matmuls: bool = True) -> nn.Module:
+    """A copy of `decoder` sharing every tensor with it, whose cross-attention applies its mask, and
+    (shared_matmuls) whose Linear layers are _MatMulLinear, for unrolled graphs."""
+    keep = {id(t): t for t in itertools.chain(decoder.parameters(), decoder.buffers())}
+    clone = copy.deepcopy(decoder, keep)
+    for parent in list(clone.modules()):
+        if hasattr(parent, "crossattention"):
+            parent.crossattention.self = _MaskedCrossAttention(parent.crossattention.self)
+        for name, child in list(parent.named_children()):
+            if shared_matmuls and isinstance(child, nn.Linear):
+                setattr(parent, name, _MatMulLinear(child))
+    return clone
+
+
 def greedy_decode(decoder, prefix: torch.Tensor, encoder_states: torch.Tensor, max_length: int,
-                  min_length: int) -> torch.Tensor:
+                  min_length: int, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' greedy search, unrolled: EOS blocked below min_length, PAD after EOS."""
     ids = prefix
     done = torch.zeros_like(prefix[:, 0])
@@ -103,7 +150,8 @@ def greedy_decode(decoder, prefix: torch.Tensor, encoder_states: torch.Tensor, m
     for _ in range(max_length - prefix.shape[1]):
         # No padding inside the generated prefix, so the causal mask is the whole self-attention mask.
         logits = decoder(input_ids=ids, attention_mask=causal_mask(ids.shape[1]), encoder_hidden_states=encoder_states,
-                         use_cache=False, logits_to_keep=1, return_dict=False)[0][:, -1, :]
+                         encoder_attention_mask=encoder_mask, use_cache=False, logits_to_keep=1,
+                         return_dict=False)[0][:, -1, :]
         if ids.shape[1] < min_length:
             logits = logits + eos_block
         token = torch.argmax(logits, dim=-1)
@@ -116,7 +164,7 @@ def greedy_decode(decoder, prefix: torch.Tensor, encoder_states: torch.Tensor, m
 class Caption(nn.Module):
     def __init__(self, m, dims):
         super().__init__()
-        self.vision_model, self.text_decoder = m.vision_model, m.text_decoder
+        self.vision_model, self.text_decoder = m.vision_model, decoder_for_export(m.text_decoder)
         cap = dims["caption"]
         self.register_buffer("prompt", torch.tensor([cap["prompt_ids"]], dtype=torch.long), persistent=False)
         self.max_length, self.min_length = cap["max_length"], cap["min_length"]
@@ -139,15 +187,59 @@ class VqaQuestion(nn.Module):
 
 
 class VqaAnswer(nn.Module):
+    """Unrolled answer decoder. It takes the question's attention mask: BLIP encodes one question
+    unpadded, so its decoder never attends to padding; states padded to L without the mask gave
+    other answers."""
+
     def __init__(self, m, dims):
         super().__init__()
-        self.text_decoder = m.text_decoder
-        self.bos = m.decoder_start_token_id
+        self.text_decoder = decoder_for_export(m.text_decoder)
+        self.prompt = dims["vqa_answer"]["prompt_ids"]
         self.max_length, self.min_length = dims["vqa_answer"]["max_length"], dims["vqa_answer"]["min_length"]
 
-    def forward(self, question_states):
-        prefix = torch.full((question_states.shape[0], 1), self.bos, dtype=torch.long)
-        return greedy_decode(self.text_decoder, prefix, question_states, self.max_length, self.min_length)
+    def forward(self, question_states, question_mask):
+        prefix = torch.tensor([self.prompt], dtype=torch.long).expand(question_states.shape[0], -1)
+        return greedy_decode(self.text_decoder, prefix, question_states, self.max_length, self.min_length,
+                             padding_mask(question_mask))
+
+
+class DecoderStep(nn.Module):
+    """One greedy step at every position at once: next_ids[:, t] is the token that follows
+    input_ids[:, :t+1] (causal attention makes later positions irrelevant to it). A runtime calls it
+    once per generated token (export/decoding.py), so each weight is stored once, whatever the
+    number of steps. EOS is blocked where the sequence would still be shorter than min_length."""
+
+    def __init__(self, m, decoding: dict, with_mask: bool):
+        super().__init__()
+        self.text_decoder, self.with_mask = decoder_for_export(m.text_decoder, shared_matmuls=False), with_mask
+        length, vocab = decoding["max_length"], m.text_decoder.config.vocab_size
+        penalty = np.zeros((length, vocab), dtype=np.float32)
+        penalty[: max(decoding["min_length"] - 1, 0), SEP_ID] = _BLOCKED  # position t holds length t+1
+        self.register_buffer("eos_penalty", torch.from_numpy(penalty) if penalty.any() else None, persistent=False)
+
+    def forward(self, encoder_states, *rest):
+        mask, ids = (padding_mask(rest[0]), rest[1]) if self.with_mask else (None, rest[0])
+        logits = self.text_decoder(input_ids=ids, attention_mask=causal_mask(ids.shape[1]),
+                                   encoder_hidden_states=encoder_states, encoder_attention_mask=mask,
+                                   use_cache=False, return_dict=False)[0]
+        if self.eos_penalty is not None:
+            logits = logits + self.eos_penalty
+        return torch.argmax(logits, dim=-1)
+
+
+def reference_generate(model, spec, feeds: dict, dims: dict) -> np.ndarray:
+    """transformers' own greedy generate() for a step decoder's inputs, padded to max_length (its
+    cross-attention given the mask, see _MaskedCrossAttention)."""
+    decoding = dims[spec.decoding]
+    states = torch.from_numpy(feeds[spec.inputs[0].name])
+    prefix = torch.tensor([decoding["prompt_ids"]] * states.shape[0], dtype=torch.long)
+    mask = {"encoder_attention_mask": torch.from_numpy(feeds["question_mask"])} if "question_mask" in feeds else {}
+    with torch.no_grad():
+        out = decoder_for_export(model.text_decoder, shared_matmuls=False).generate(input_ids=prefix, encoder_hidden_states=states, eos_token_id=SEP_ID,
+                                          pad_token_id=PAD_ID, max_length=decoding["max_length"],
+                                          min_length=decoding["min_length"], num_beams=1, do_sample=False,
+                                          **mask).numpy()
+    return np.pad(out, ((0, 0), (0, decoding["max_length"] - out.shape[1])), constant_values=PAD_ID)
 
 
 BUILDERS = {
@@ -160,6 +252,8 @@ BUILDERS = {
     "vqa_vision": lambda m, d: ImageFeat(m),
     "vqa_question": lambda m, d: VqaQuestion(m),
     "vqa_answer": VqaAnswer,
+    "caption_step": lambda m, d: DecoderStep(m, d["caption"], with_mask=False),
+    "vqa_answer_step": lambda m, d: DecoderStep(m, d["vqa_answer"], with_mask=True),
 }
 
 

@@ -38,7 +38,7 @@ COMMON = {
     "vision_eps": 1e-6,
     "text_eps": 1e-12,
     "caption": {"max_length": 20, "min_length": 5, "prompt_ids": list(CAPTION_PROMPT_IDS)},
-    "vqa_answer": {"max_length": 10, "min_length": 1},
+    "vqa_answer": {"max_length": 10, "min_length": 1, "prompt_ids": [DEC_ID]},
 }
 
 TASKS = ("retrieval", "captioning", "vqa")

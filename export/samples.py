@@ -31,6 +31,12 @@ def make_inputs(spec: GraphSpec, dims: dict, batch: int, seed: int = 0) -> dict[
                 out[t.name] = ids
             else:
                 out[t.name] = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+        elif t.sample == "decoder_ids":
+            # the decoding prompt, then plausible tokens: every position's next token is checked
+            prompt = dims[spec.decoding]["prompt_ids"]
+            ids = rng.integers(1000, 30000, size=shape, dtype=np.int64)
+            ids[:, : len(prompt)] = prompt
+            out[t.name] = ids
         else:
             out[t.name] = rng.standard_normal(size=shape).astype(np.float32)
     return out

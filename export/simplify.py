@@ -14,6 +14,8 @@ SAMPLE_SEED = 7
 # onnxsim stops after a bounded number of folding rounds; the unrolled decoders need more (Shape
 # ops survived from the 6th decoding step on). So simplify again until nothing dynamic is left.
 MAX_SIMPLIFY_PASSES = 5
+# onnxsim's folding rounds per pass (its default, 50, left Shape ops in 12-layer unrolled decoders).
+FIXED_POINT_ITERS = "2000"
 
 
 def paths(model: str, graph: str, batch: int) -> tuple[str, str]:
@@ -34,6 +36,14 @@ def declare(plan, model, dims: dict, graph: str, batch: int, onnx_id: str) -> st
     return node.id
 
 
+def read_loop(path) -> dict:
+    """A step decoder's loop reference from its .io.npz: {ids input name: token ids [B, length]}."""
+    import numpy as np
+
+    with np.load(path) as z:
+        return {k[len("loop:"):]: z[k] for k in z.files if k.startswith("loop:")}
+
+
 def read_io(path) -> tuple[dict, dict]:
     """(inputs, reference outputs) from an .io.npz, each keyed by tensor name."""
     import numpy as np
@@ -51,10 +61,13 @@ def still_dynamic(model) -> list[str]:
 def simplify_static(model, input_shapes: dict):
     """onnxsim at fixed input shapes, repeated while Shape ops survive and the graph still shrinks.
     Returns (model, passes)."""
+    import os
+
     import onnxsim
 
     from export.gates import GateError
 
+    os.environ["ONNXSIM_FIXED_POINT_ITERS"] = FIXED_POINT_ITERS  # read by onnxsim at each call
     passes = 0
     while passes == 0 or (still_dynamic(model) and passes < MAX_SIMPLIFY_PASSES):
         before = len(model.graph.node)
@@ -76,8 +89,10 @@ def run(node: Node, ctx) -> dict:
     import onnx
     import onnxruntime as ort
 
+    from export.decoding import greedy_loop, loop_settings
     from export.gates import GateError, compare, worst
     from export.samples import make_inputs
+    from export.stage import ort_step
 
     p = node.params
     spec = GRAPHS[p["graph"]]
@@ -100,8 +115,17 @@ def run(node: Node, ctx) -> dict:
         if list(got[name].shape) != shape:
             raise GateError(f"{spec.name} bs{p['batch']}: output {name} has shape {list(got[name].shape)}, spec says {shape}")
     fig = worst(compare(ref, got, spec.atol, spec.discrete_outputs))
-    np.savez(out_io, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in ref.items()})
+    figures = {"simplified_vs_raw": fig}
+    loop = {}
+    if spec.decoding:
+        # The whole greedy loop too; its tokens are the reference every compiled step graph must loop to.
+        settings = loop_settings(spec, p["dims"])
+        loop = {settings["ids_name"]: greedy_loop(ort_step(ref_sess), feeds, **settings)}
+        mine = {settings["ids_name"]: greedy_loop(ort_step(sess), feeds, **settings)}
+        figures["loop_simplified_vs_raw"] = worst(compare(loop, mine, 0.0, discrete=True))
+    np.savez(out_io, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in ref.items()},
+             **{f"loop:{k}": v for k, v in loop.items()})
     nodes_before, nodes_after = len(raw.graph.node), len(simplified.graph.node)
     ctx.log(f"{spec.name} bs{p['batch']}: {nodes_before} -> {nodes_after} nodes in {passes} onnxsim passes, gate vs raw {fig}")
-    return {"figures": {"simplified_vs_raw": fig}, "nodes": [nodes_before, nodes_after], "onnxsim_passes": passes,
+    return {"figures": figures, "nodes": [nodes_before, nodes_after], "onnxsim_passes": passes,
             "signature": signature(spec, p["dims"], p["batch"])}

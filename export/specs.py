@@ -32,6 +32,9 @@ class GraphSpec(NamedTuple):
     description: str
     atc_op_precision: str | None = None  # content of ATC's --op_precision_mode ini
     discrete_outputs: bool = False  # token ids: compared exactly, not by tolerance
+    # A one-step decoder that a runtime calls in a loop (export/decoding.py): the dims key of its
+    # decoding settings (max_length, min_length, prompt_ids). Its last input is the token ids.
+    decoding: str | None = None
 
     def shapes(self, dims: dict, batch: int) -> dict[str, list[int]]:
         return {t.name: resolve_shape(t.dims, dims, batch) for t in self.inputs}
@@ -74,6 +77,8 @@ def resolve_shape(symbols: tuple, dims: dict, batch: int | None) -> list:
 _IMAGE = lambda name: TensorSpec(name, ("B", 3, "S", "S"), "float32", "NCHW", "image")  # noqa: E731
 _IDS = lambda name: TensorSpec(name, ("B", "L"), "int64", "ND", "text_ids")  # noqa: E731
 _MASK = lambda name: TensorSpec(name, ("B", "L"), "int64", "ND", "text_mask")  # noqa: E731
+_DECODER_IDS = lambda length: TensorSpec("input_ids", ("B", length), "int64", "ND", "decoder_ids")  # noqa: E731
+_NEXT_IDS = lambda length: (TensorSpec("next_ids", ("B", length), "int64"),)  # noqa: E731
 
 GRAPHS: dict[str, GraphSpec] = {
     g.name: g
@@ -124,6 +129,23 @@ GRAPHS: dict[str, GraphSpec] = {
             description="greedy caption with prompt 'a picture of ', unrolled",
             discrete_outputs=True,
         ),
+        # Captioning as a step decoder (weights stored once; what fits a device at BLIP-base size):
+        # the image encoder once, then one call of the step graph per generated token.
+        GraphSpec(
+            "blip_cap_venc", "captioning", "vqa_vision",
+            (_IMAGE("pixel_values"),),
+            (TensorSpec("image_embeds", ("B", "N", "V"), "float32"),),
+            opset=13, batch_axis_name="batch_size", atol=1e-3,
+            description="captioning ViT encoder (input of blip_cap_step)",
+        ),
+        GraphSpec(
+            "blip_cap_step", "captioning", "caption_step",
+            (TensorSpec("image_embeds", ("B", "N", "V"), "float32"), _DECODER_IDS("C")),
+            _NEXT_IDS("C"),
+            opset=13, batch_axis_name="batch_size", atol=0.0,
+            description="one greedy caption step at every position (prompt 'a picture of ', min 5), looped by the runtime",
+            discrete_outputs=True, decoding="caption",
+        ),
         GraphSpec(
             "blip_vqa_venc", "vqa", "vqa_vision",
             (_IMAGE("pixel_values"),),
@@ -140,11 +162,19 @@ GRAPHS: dict[str, GraphSpec] = {
         ),
         GraphSpec(
             "blip_vqa_tdec", "vqa", "vqa_answer",
-            (TensorSpec("question_states", ("B", "L", "T"), "float32"),),
+            (TensorSpec("question_states", ("B", "L", "T"), "float32"), _MASK("question_mask")),
             (TensorSpec("answer_ids", ("B", "A"), "int64"),),
             opset=13, batch_axis_name="batch_size", atol=0.0,
-            description="greedy answer decoder from [DEC], unrolled",
+            description="greedy answer decoder from [DEC], unrolled; attends to the question's real tokens only",
             discrete_outputs=True,
+        ),
+        GraphSpec(
+            "blip_vqa_tdec_step", "vqa", "vqa_answer_step",
+            (TensorSpec("question_states", ("B", "L", "T"), "float32"), _MASK("question_mask"), _DECODER_IDS("A")),
+            _NEXT_IDS("A"),
+            opset=13, batch_axis_name="batch_size", atol=0.0,
+            description="one greedy answer step at every position, looped by the runtime",
+            discrete_outputs=True, decoding="vqa_answer",
         ),
     )
 }

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export import loading
-from export.graphs import build
+from export.graphs import build, decoder_for_export
 from export.presets import CLS_ID, SEP_ID, resolve_dims
 from export.samples import make_inputs
 from export.specs import GRAPHS
@@ -126,11 +126,11 @@ def test_vqa_answer_decoding_equals_generate(checkpoints, sep_bias):
     feeds = [torch.from_numpy(v) for v in x.values()]
     with torch.no_grad():
         states = build(GRAPHS["blip_vqa_tenc"], model, dims)(*feeds)
-        ours = build(GRAPHS["blip_vqa_tdec"], model, dims)(states).numpy()
+        ours = build(GRAPHS["blip_vqa_tdec"], model, dims)(states, feeds[2]).numpy()
         bos = torch.full((3, 1), model.decoder_start_token_id)
-        ref = model.text_decoder.generate(input_ids=bos, eos_token_id=SEP_ID, pad_token_id=0,
-                                          encoder_hidden_states=states, max_length=10, min_length=1,
-                                          num_beams=1, do_sample=False)
+        ref = decoder_for_export(model.text_decoder, shared_matmuls=False).generate(input_ids=bos, eos_token_id=SEP_ID, pad_token_id=0,
+                                          encoder_hidden_states=states, encoder_attention_mask=feeds[2],
+                                          max_length=10, min_length=1, num_beams=1, do_sample=False)
     np.testing.assert_array_equal(ours, _hf_ids(ref, 10))
 
 
@@ -163,11 +163,12 @@ def test_unrolled_decoder_simplifies_to_a_fully_static_graph(tmp_path, checkpoin
     import onnx
 
     from export.simplify import simplify_static, still_dynamic
+    from export.stage import share_initializers
 
     dims = resolve_dims("tiny", "vqa")
     model, _ = loading.load_model(str(checkpoints["vqa"]), "pth", "vqa", dims)
     spec = GRAPHS["blip_vqa_tdec"]
-    example = make_inputs(spec, dims, 1)
+    example = make_inputs(spec, dims, 2)
     path = tmp_path / "tdec.onnx"
     with torch.no_grad():
         torch.onnx.export(build(spec, model, dims), tuple(torch.from_numpy(v) for v in example.values()), str(path),
@@ -175,7 +176,79 @@ def test_unrolled_decoder_simplifies_to_a_fully_static_graph(tmp_path, checkpoin
                           dynamic_axes={t.name: {0: spec.batch_axis_name} for t in spec.inputs + spec.outputs},
                           opset_version=spec.opset, dynamo=False)  # batch dynamic, as the onnx stage exports
     raw = onnx.load(str(path))
-    shapes = spec.shapes(dims, 1)
-    simplified, passes = simplify_static(raw, shapes)
-    assert passes >= 2 and not still_dynamic(simplified)
+    assert share_initializers(raw) == 0  # the unrolled steps share one MatMul weight each, no Identity aliases
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.text_decoder.parameters())
+    raw_bytes = sum(len(i.raw_data) for i in raw.graph.initializer)
+    simplified, passes = simplify_static(raw, spec.shapes(dims, 1))
+    assert not still_dynamic(simplified)
     assert not any(n.op_type == "Gemm" for n in simplified.graph.node)  # no onnxsim fusions (see simplify.py)
+    # weights once, not once per decoding step (it held 9 copies: 8.9 MB raw -> 40.7 MB simplified)
+    # (the LM head's transposed copy of the tied word embeddings is the one weight held twice)
+    simplified_bytes = sum(len(i.raw_data) for i in simplified.graph.initializer)
+    embedding_bytes = model.text_decoder.bert.embeddings.word_embeddings.weight.numel() * 4
+    assert raw_bytes < 1.1 * (weight_bytes + embedding_bytes), (weight_bytes, raw_bytes)
+    assert simplified_bytes < 1.05 * raw_bytes, (raw_bytes, simplified_bytes)
+
+
+def test_share_initializers_rewires_identity_aliases():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.stage import share_initializers
+
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    nodes = [helper.make_node("Identity", ["w"], ["w_step2"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "w_step2"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], [w]))
+    assert share_initializers(model) == 1
+    assert [(n.op_type, list(n.input)) for n in model.graph.node] == [("MatMul", ["x", "w"]), ("MatMul", ["h", "w"])]
+
+
+def _step_loop(model, spec, dims, feeds):
+    from export.decoding import greedy_loop, loop_settings
+
+    step = build(spec, model, dims)
+
+    def call(f):
+        with torch.no_grad():
+            return step(*(torch.from_numpy(f[t.name]) for t in spec.inputs)).numpy()
+    return greedy_loop(call, feeds, **loop_settings(spec, dims))
+
+
+@pytest.mark.parametrize("task,graph,sep_bias", [("captioning", "blip_cap_step", 0.0), ("captioning", "blip_cap_step", 8.0),
+                                                  ("vqa", "blip_vqa_tdec_step", 0.0), ("vqa", "blip_vqa_tdec_step", 9.0)])
+def test_step_decoder_loop_equals_generate(checkpoints, task, graph, sep_bias):
+    """The one-step decoder called in the runtime's loop gives generate()'s tokens, EOS and padding included."""
+    from export.graphs import reference_generate
+
+    model, dims = _model_with_sep_bias(checkpoints, task, sep_bias)
+    spec = GRAPHS[graph]
+    feeds = make_inputs(spec, dims, 3, seed=4)
+    ours = _step_loop(model, spec, dims, feeds)
+    np.testing.assert_array_equal(ours, reference_generate(model, spec, feeds, dims))
+    if sep_bias:
+        assert (ours == SEP_ID).any() and (ours[:, -1] == 0).any()
+
+
+def test_vqa_graphs_answer_as_blip_does_for_an_unpadded_question(checkpoints):
+    """BLIP encodes one question without padding. Our graphs take it padded to L plus its mask and
+    must give transformers' BlipForQuestionAnswering.generate() answer for the unpadded question."""
+    from export.decoding import greedy_loop, loop_settings
+
+    model, dims = _model_with_sep_bias(checkpoints, "vqa", 0.0)
+    pixels = make_inputs(GRAPHS["blip_vqa_venc"], dims, 1, seed=3)["pixel_values"]
+    question = [30523, 2129, 2116, 8870, 2024, 2045, 1029, SEP_ID]  # [ENC] how many cats are there ? [SEP]
+    padded = np.zeros((1, dims["text_len"]), np.int64)
+    padded[0, :len(question)] = question
+    mask = (padded != 0).astype(np.int64)
+    with torch.no_grad():
+        blip = model.generate(input_ids=torch.tensor([question]), pixel_values=torch.from_numpy(pixels),
+                              max_length=10, min_length=1, num_beams=1, do_sample=False).numpy()
+        embeds = build(GRAPHS["blip_vqa_venc"], model, dims)(torch.from_numpy(pixels))
+        states = build(GRAPHS["blip_vqa_tenc"], model, dims)(embeds, torch.from_numpy(padded), torch.from_numpy(mask))
+        unrolled = build(GRAPHS["blip_vqa_tdec"], model, dims)(states, torch.from_numpy(mask)).numpy()
+    feeds = {"question_states": states.numpy(), "question_mask": mask}
+    stepped = _step_loop(model, GRAPHS["blip_vqa_tdec_step"], dims, feeds)
+    want = _hf_ids(torch.from_numpy(blip), 10)
+    np.testing.assert_array_equal(unrolled, want)
+    np.testing.assert_array_equal(stepped, want)

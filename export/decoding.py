@@ -1,0 +1,35 @@
+"""The greedy loop a runtime runs around a step decoder (`GraphSpec.decoding`), numpy only.
+
+The same function drives ONNX Runtime in the export and simplify gates and the bmodel on the
+TPU-MLIR cmodel (compile/cmodel_loop.py runs it inside the toolchain's Python), so every
+runtime is held to the same loop that is proven equal to transformers' generate().
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from export.presets import PAD_ID, SEP_ID
+
+
+def greedy_loop(step: Callable[[dict], np.ndarray], feeds: dict, ids_name: str, prompt_ids, length: int) -> np.ndarray:
+    """Token ids [B, length]: the prompt, then one step call per new token; PAD after EOS.
+
+    `step(feeds)` returns next_ids [B, length], where next_ids[:, t] follows ids[:, :t+1]."""
+    batch = next(v for k, v in feeds.items() if k != ids_name).shape[0]
+    ids = np.full((batch, length), PAD_ID, dtype=np.int64)
+    ids[:, : len(prompt_ids)] = prompt_ids
+    done = np.zeros(batch, dtype=bool)
+    for t in range(len(prompt_ids) - 1, length - 1):
+        nxt = np.asarray(step({**feeds, ids_name: ids.copy()})).reshape(batch, length)[:, t].astype(np.int64)
+        nxt = np.where(done, PAD_ID, nxt)
+        done |= nxt == SEP_ID
+        ids[:, t + 1] = nxt
+    return ids
+
+
+def loop_settings(spec, dims: dict) -> dict:
+    """What greedy_loop needs besides the step function, as plain data (JSON for subprocesses)."""
+    d = dims[spec.decoding]
+    return {"ids_name": spec.inputs[-1].name, "prompt_ids": list(d["prompt_ids"]), "length": d["max_length"]}
