@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from buildplan.files import atomic_write, cache_dir, default_config_path, keep_newest
-from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_PRECISIONS, backend_of
+from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_DEVICE_MEMORY_MB, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
 from export.specs import GRAPHS, graphs_for_task
 
@@ -50,6 +50,7 @@ class Target(NamedTuple):
     batch_sizes: tuple[int, ...]
     precisions: tuple[str, ...] = ()  # tpu_mlir
     simulate: bool = True  # tpu_mlir: validate on the cmodel
+    device_memory_mb: int = 0  # tpu_mlir: what one bmodel may need on the device
     precision_mode: str | None = None  # atc
     dynamic_batch: bool = False  # atc
     extra_flags: dict = {}  # atc: graph -> [flags]; never mutated
@@ -287,7 +288,7 @@ def _target(c: _Checker, chip: str, raw, path: str, model_graphs: tuple[str, ...
                f"allowed: {', '.join(SOPHGO_PRECISIONS)} (TPU-MLIR), {', '.join(ASCEND_SOCS)} (ATC)")
     raw = {} if raw is None else raw
     common = ("graphs", "batch_sizes")
-    allowed = common + (("precisions", "simulate") if backend == "tpu_mlir"
+    allowed = common + (("precisions", "simulate", "device_memory_mb") if backend == "tpu_mlir"
                         else ("precision_mode", "dynamic_batch", "extra_flags"))
     t = c.mapping(raw, path, allowed)
     graphs = c.str_list(t.get("graphs", list(model_graphs)), f"{path}.graphs", model_graphs, "graph of this model")
@@ -314,7 +315,13 @@ def _target(c: _Checker, chip: str, raw, path: str, model_graphs: tuple[str, ...
         if len(set(precisions)) != len(precisions):
             c.fail(f"{path}.precisions", "duplicate precision", "list each once")
         simulate = c.typed(t.get("simulate", True), f"{path}.simulate", bool, "true or false")
-        return Target(chip, backend, graphs, tuple(batch_sizes), tuple(precisions), simulate=simulate)
+        memory = c.typed(t.get("device_memory_mb", SOPHGO_DEVICE_MEMORY_MB[chip]), f"{path}.device_memory_mb", int,
+                         "an integer (MiB)")
+        if not 1 <= memory <= 1 << 20:
+            c.fail(f"{path}.device_memory_mb", f"{memory} MiB is out of range",
+                   f"give the device memory a bmodel may use, in MiB (default for {chip}: {SOPHGO_DEVICE_MEMORY_MB[chip]})")
+        return Target(chip, backend, graphs, tuple(batch_sizes), tuple(precisions), simulate=simulate,
+                      device_memory_mb=memory)
     mode = t.get("precision_mode")
     if mode is not None:
         c.choice(mode, f"{path}.precision_mode", ATC_PRECISION_MODES, "precision_mode")

@@ -101,6 +101,24 @@ class Context:
         return output
 
 
+def _reset_peak_rss() -> bool:
+    """Start this process's peak-RSS count afresh (Linux: VmHWM), so a stage that runs inside the
+    doit process (export, simplify) gets its own peak, not the process's earlier one."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_task(config_path: str, node_id: str):
     """doit action. Returns None on success, a TaskFailed with the log path on failure."""
     from doit.exceptions import TaskFailed
@@ -114,6 +132,7 @@ def run_task(config_path: str, node_id: str):
     store.log_dir.mkdir(parents=True, exist_ok=True)
     ctx.log_path.write_text(f"# {node_id}  started {_now()} on {socket.gethostname()}\n")
     started = time.time()
+    peak_is_own = _reset_peak_rss()
     try:
         module, func = node.action.split(":")
         result = getattr(importlib.import_module(module), func)(node, ctx) or {}
@@ -150,6 +169,8 @@ def run_task(config_path: str, node_id: str):
         "toolchain": {"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
         "duration_s": round(time.time() - started, 3), "finished_at": _now(), "host": socket.gethostname(),
         **({"tool_peak_rss_mb": round(ctx.tool_peak_rss / 2**20, 1)} if ctx.tool_peak_rss else {}),
+        # the doit process itself while this task ran (the stage's own work: export, gates, onnxsim)
+        **({"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1)} if peak_is_own else {}),
         "log": str(ctx.log_path.relative_to(ctx.root)),
         **result,
     }

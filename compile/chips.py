@@ -8,6 +8,11 @@ SOPHGO_PRECISIONS: dict[str, tuple[str, ...]] = {
     "bm1688": ("F32", "F16", "BF16", "INT8"),
 }
 
+# Device memory a chip's bmodels may use, in MiB: the seed's NPU heap after its memory edit
+# (sophon-demo, seed 001 section 3), shared by every bmodel loaded at once. A target's
+# `device_memory_mb` overrides it.
+SOPHGO_DEVICE_MEMORY_MB: dict[str, int] = {"bm1684": 7615, "bm1684x": 7615, "bm1688": 6328}
+
 # ATC --soc_version values, keyed by our lower-case target name.
 ASCEND_SOCS: dict[str, str] = {
     name.lower(): name

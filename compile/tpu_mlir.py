@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 from buildplan.plan import Node
+from export.decoding import loop_settings
 from export.specs import GRAPHS
 
-CODE = ("compile/tpu_mlir.py",)
+# The acceptance runs these too (the reference, the comparison, the decoding loop).
+CODE = ("compile/tpu_mlir.py", "compile/cmodel_loop.py", "export/decoding.py", "export/gates.py", "export/simplify.py",
+        "export/specs.py", "export/presets.py")
 # cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.
 DEPLOY_TOLERANCE = {"F32": "0.99,0.90", "F16": "0.95,0.85", "BF16": "0.95,0.80", "INT8": "0.80,0.50"}
 TRANSFORM_TOLERANCE = "0.99,0.99"
@@ -72,7 +76,9 @@ def declare(plan, model, dims: dict, target, onnx_id: str, simplify_stage) -> No
                     action="compile.tpu_mlir:run_deploy", code=CODE, toolchain="tpu_mlir",
                     deps=(transform.id,) + ((calibration.id,) if precision == "INT8" else ()),
                     params={"graph": graph, "batch": bs, "chip": target.name, "precision": precision,
-                            "simulate": target.simulate, "tolerance": DEPLOY_TOLERANCE[precision]},
+                            "simulate": target.simulate, "tolerance": DEPLOY_TOLERANCE[precision],
+                            "device_memory_mb": target.device_memory_mb,
+                            **({"loop": loop_settings(spec, dims)} if spec.decoding else {})},
                     labels={**labels, "target": target.name, "precision": precision}),
                     f"compile:{target.name}")
 
@@ -217,6 +223,17 @@ def run_deploy(node: Node, ctx) -> dict:
         argv += ["--calibration_table", str(ctx.path(ctx.plan.nodes[node.deps[1]].outputs[0]))]
     log = ctx.run(argv, cwd=work, what="model_deploy.py")
     figures = {"tpu_mlir": _similarities(log)}
+    device = device_memory(ctx.run(["model_tool", "--info", name], cwd=work, what="model_tool --info"))
+    device["bmodel_bytes"] = (work / name).stat().st_size
+    # A bmodel its chip cannot load is no artifact: refuse it before spending a cmodel run on it.
+    budget = p["device_memory_mb"] * 2**20
+    if device["device_bytes"] > budget:
+        from buildplan.runner import StageError
+
+        raise StageError(f"{name} needs {device['device_bytes'] / 2**20:.0f} MiB of device memory "
+                         f"(weights {device.get('weight_bytes', 0) / 2**20:.0f} MiB), more than {p['chip']}'s budget of "
+                         f"{p['device_memory_mb']} MiB: use a step decoder (blip_cap_step, blip_vqa_tdec_step) "
+                         "or raise the target's device_memory_mb if the device really has more")
     if p["simulate"]:
         import numpy as np
 
@@ -229,6 +246,44 @@ def run_deploy(node: Node, ctx) -> dict:
         with np.load(work / "bmodel_outputs.npz") as z:
             produced = [z[k] for k in z.files]
         _, reference = read_io(ctx.dep_output(ctx.plan.nodes[transform_id].deps[0], ".io.npz"))
+        io_file = ctx.dep_output(ctx.plan.nodes[transform_id].deps[0], ".io.npz")
         figures["bmodel_vs_onnx"] = worst(accept(GRAPHS[p["graph"]], reference, produced, p["precision"]))
+        if "loop" in p:
+            figures["cmodel_loop_vs_onnx_loop"] = _cmodel_loop(ctx, p["loop"], work / name, io_file, work)
     shutil.move(work / name, ctx.tmp(node.outputs[0]))
-    return {"figures": figures, "simulated": bool(p["simulate"])}
+    return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device}
+
+
+def device_memory(info: str) -> dict:
+    """What `model_tool --info` says a bmodel needs on the device, in bytes."""
+    found = {}
+    for key, pattern in (("device_bytes", r"device mem size:\s*(\d+)"), ("weight_bytes", r"\(weight:\s*(\d+)"),
+                         ("instruction_bytes", r"instruct:\s*(\d+)"), ("runtime_bytes", r"instruct:\s*\d+, runtime:\s*(\d+)")):
+        m = re.search(pattern, info)
+        if m:
+            found[key] = int(m.group(1))
+    if "device_bytes" not in found:
+        from buildplan.runner import StageError
+
+        raise StageError("model_tool --info printed no 'device mem size': cannot check the device memory budget")
+    return found
+
+
+def _cmodel_loop(ctx, settings: dict, bmodel, io_file, work) -> dict:
+    """The runtime's greedy loop around the step bmodel on the cmodel; its tokens must equal the
+    loop's on the ONNX graph (which the export stage proved equal to transformers' generate())."""
+    import json
+
+    import numpy as np
+
+    from export.gates import compare
+    from export.simplify import read_io, read_loop
+
+    inputs, _ = read_io(io_file)
+    np.savez(work / "loop_inputs.npz", **inputs)
+    ctx.run(["python", str(Path(__file__).with_name("cmodel_loop.py")), str(bmodel), str(work / "loop_inputs.npz"),
+             json.dumps(settings), str(work / "loop_ids.npz")], cwd=work, what="greedy loop of the bmodel on the cmodel")
+    with np.load(work / "loop_ids.npz") as z:
+        got = z["ids"]
+    want = read_loop(io_file)
+    return compare(want, {settings["ids_name"]: got}, 0.0, discrete=True)[settings["ids_name"]]

@@ -94,3 +94,34 @@ def run(node: Node, ctx) -> dict:
     state = synthetic_state_dict(p["task"], p["preset"], p["seed"], p["image_size"])
     save(state, ctx.tmp(node.outputs[0]))
     return {"keys": len(state), "params": int(sum(v.numel() for v in state.values()))}
+
+
+# The BLIP release's file names of the three BLIP-base checkpoints models.blip-base.yaml uses.
+BASE_RELEASE_FILES = {"retrieval": "model_base_retrieval_coco.pth", "captioning": "model_base_capfilt_large.pth",
+                      "vqa": "model_base_vqa_capfilt_large.pth"}
+
+
+def main(argv=None) -> None:
+    """Write synthetic stand-ins for the BLIP release's checkpoints (original layout, real sizes) so
+    that models.blip-base.yaml builds here; real ones replace them under the same names."""
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="python -m export.synthetic", description=main.__doc__)
+    ap.add_argument("folder", nargs="?", default=".", help="where to write them (default: here)")
+    ap.add_argument("--preset", default="base", choices=("tiny", "base"))
+    args = ap.parse_args(argv)
+    for seed, (task, name) in enumerate(BASE_RELEASE_FILES.items()):
+        path = Path(args.folder) / name
+        if path.exists():
+            print(f"{path}: exists, kept")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        save(synthetic_state_dict(task, args.preset, seed), tmp)
+        tmp.replace(path)
+        print(f"{path}: synthetic {args.preset} {task} checkpoint (seed {seed}), {path.stat().st_size / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -69,3 +69,15 @@ subprocess.run([sys.executable, {str(REPO / 'buildplan' / 'measure_rss.py')!r}, 
     subprocess.run([sys.executable, "-c", code, str(out)], check=True)
     peak_mb = int(out.read_text()) / 2**20
     assert 100 <= peak_mb < 300, peak_mb
+
+
+def test_device_memory_read_from_model_tool_info():
+    from compile.tpu_mlir import device_memory
+
+    info = ("output: next_ids_ArgMax, [1, 10], int32, scale: 1, zero_point: 0\n\n"
+            "device mem size: 9507072 (weight: 8220672, instruct: 45312, runtime: 1241088)\n"
+            "host mem size: 0 (weight: 0, runtime: 0)\n")
+    assert device_memory(info) == {"device_bytes": 9507072, "weight_bytes": 8220672, "instruction_bytes": 45312,
+                                   "runtime_bytes": 1241088}
+    with pytest.raises(StageError, match="device mem size"):
+        device_memory("bmodel version: B.2.2\n")
