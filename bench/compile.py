@@ -4,6 +4,11 @@ and the number of model_transform runs vs what the seed scripts run for the same
     .venv/bin/python bench/compile.py          # the default models.yaml's SOPHGO matrix (tiny demo)
     .venv/bin/python bench/compile.py --base   # plus blip_vqa_venc at BLIP-base size, bs1, F32, bm1684x
     .venv/bin/python bench/compile.py --base --skip-tiny [--no-simulate]
+    .venv/bin/python bench/compile.py --report models.blip-base.yaml   # figures of a build already made
+
+--base builds models.blip-base.yaml's SOPHGO targets (retrieval blip_itm, captioning and VQA step
+decoders and encoders, three chips) from its .pth checkpoints (`python -m export.synthetic` writes
+synthetic ones), export and simplify included.
 
 Everything is built from scratch in artifacts-bench/compile/ (the real stages through doit).
 """
@@ -24,10 +29,6 @@ sys.path.insert(0, str(REPO))
 from buildplan import config  # noqa: E402
 from buildplan.plan import build_plan  # noqa: E402
 
-BASE_MODEL = {"name": "vqa_base", "task": "vqa", "checkpoint": {"synthetic": "base", "seed": 2},
-              "graphs": ["blip_vqa_venc"], "targets": {"bm1684x": {"precisions": ["F32"]}}}
-
-
 def build(work: Path, models: list[dict]) -> tuple[Path, list[str], float]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -45,20 +46,29 @@ def build(work: Path, models: list[dict]) -> tuple[Path, list[str], float]:
     return cfg, ran, wall
 
 
-def report(cfg: Path, ran: list[str], wall: float) -> None:
+STAGES = ("onnx", "simplify", "transform", "calibrate", "bmodel")
+
+
+def report(cfg: Path, ran: list[str], wall: float | None) -> None:
+    """Per built artifact: wall time, the stage's own peak RSS (the doit process: export, gates,
+    onnxsim), the toolchain's largest process, and for bmodels the device memory and file size."""
     plan = build_plan(config.load(cfg))
     state = Path(plan.root) / ".state"
-    print(f"{'artifact':58} {'time':>7} {'peak RSS':>9}  cmodel")
+    print(f"{'artifact':58} {'time':>7} {'own RSS':>8} {'tool RSS':>8} {'device':>8} {'bmodel':>8}  cmodel")
     totals: dict[str, float] = {}
     for node in plan.nodes.values():
-        if node.stage not in ("transform", "calibrate", "bmodel"):
+        path = state / f"{node.id.replace(':', '__')}.json"
+        if node.stage not in STAGES or not path.exists():
             continue
-        rec = json.loads((state / f"{node.id.replace(':', '__')}.json").read_text())
+        rec = json.loads(path.read_text())
         totals[node.stage] = totals.get(node.stage, 0) + rec["duration_s"]
         sim = {"bmodel": "yes" if rec.get("simulated") else "no"}.get(node.stage, "")
-        print(f"{node.id:58} {rec['duration_s']:6.1f}s {rec.get('tool_peak_rss_mb', 0):7.0f}MB  {sim}")
+        dev = rec.get("device_memory", {})
+        mb = lambda v: f"{v / 2**20:6.0f}MB" if v else "        "  # noqa: E731
+        print(f"{node.id:58} {rec['duration_s']:6.1f}s {rec.get('peak_rss_mb', 0):6.0f}MB "
+              f"{rec.get('tool_peak_rss_mb', 0):6.0f}MB {mb(dev.get('device_bytes'))} {mb(dev.get('bmodel_bytes'))}  {sim}")
     print("stage totals: " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items())
-          + f"; whole doit run (export included) {wall:.1f} s")
+          + (f"; whole doit run (export included) {wall:.1f} s" if wall else ""))
     bmodels = [n for n in plan.nodes.values() if n.stage == "bmodel"]
     # The seed scripts run model_transform inside every per-chip script, for each graph and batch size.
     seed = len({(n.labels["target"], n.labels["graph"], n.labels["batch"]) for n in bmodels})
@@ -73,8 +83,12 @@ def main():
     ap.add_argument("--skip-tiny", action="store_true", help="only the --base part")
     ap.add_argument("--no-simulate", action="store_true",
                     help="base: compile only, no cmodel run (it takes tens of minutes at this size)")
+    ap.add_argument("--report", metavar="CONFIG", help="only print the figures of CONFIG's existing build")
     ap.add_argument("--workdir", default=str(REPO / "artifacts-bench" / "compile"))
     args = ap.parse_args()
+    if args.report:
+        report(Path(args.report).resolve(), [], None)
+        return
     work = Path(args.workdir)
     default = yaml.safe_load((REPO / "models.yaml").read_text())["models"]
     sophgo = [{**m, "targets": {c: t for c, t in m["targets"].items() if c.startswith("bm")}} for m in default]
@@ -82,11 +96,15 @@ def main():
         print("== tiny demo (models.yaml), every SOPHGO chip")
         report(*build(work / "tiny", [m for m in sophgo if m["targets"]]))
     if args.base:
-        print("\n== BLIP-base blip_vqa_venc (480 px), bs1, F32, bm1684x")
-        model = BASE_MODEL
-        if args.no_simulate:
-            model = {**BASE_MODEL, "targets": {"bm1684x": {"precisions": ["F32"], "simulate": False}}}
-        report(*build(work / "base", [model]))
+        print("\n== BLIP-base: models.blip-base.yaml's SOPHGO targets (export and simplify included)")
+        base = yaml.safe_load((REPO / "models.blip-base.yaml").read_text())["models"]
+        for m in base:
+            m["checkpoint"] = str(REPO / m["checkpoint"])
+            m["targets"] = {c: t for c, t in m["targets"].items() if c.startswith("bm")}
+            if args.no_simulate:
+                blocks = lambda t: t if isinstance(t, list) else [t]  # noqa: E731
+                m["targets"] = {c: [{**b, "simulate": False} for b in blocks(t)] for c, t in m["targets"].items()}
+        report(*build(work / "base", base))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_default_sophgo_matrix_builds_and_validates(tmp_path):
     assert sorted(t for t in ran if t.startswith("transform:")) == sorted(
         f"transform:{n.model}.{n.labels['graph']}.{n.labels['batch']}b" for n in plan.nodes.values()
         if n.stage == "transform")
-    assert len(graphs) == 5 and sum(t.startswith("transform:") for t in ran) == 5
+    assert len(graphs) == 8 and sum(t.startswith("transform:") for t in ran) == 8
     for node in bmodels:
         rec = json.loads((tmp_path / "artifacts" / ".state" / f"{node.id.replace(':', '__')}.json").read_text())
         assert (tmp_path / "artifacts" / node.outputs[0]).stat().st_size > 0
@@ -40,5 +40,8 @@ def test_default_sophgo_matrix_builds_and_validates(tmp_path):
         min_cos, max_rel = ACCEPT[node.labels["precision"]]
         if "match" in e2e:  # token ids from the decoding graphs
             assert e2e["match"] == 1.0, node.id
+            if "step" in node.labels["graph"]:  # the runtime's whole greedy loop, on the cmodel
+                assert rec["figures"]["cmodel_loop_vs_onnx_loop"]["match"] == 1.0, node.id
+        assert 0 < rec["device_memory"]["device_bytes"] <= node.params["device_memory_mb"] * 2**20
         else:
             assert e2e["cosine"] >= min_cos and e2e["rel_max_abs"] <= max_rel, (node.id, e2e)

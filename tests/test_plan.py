@@ -15,13 +15,13 @@ def test_default_matrix_counts():
     cfg = config.load(REPO / "models.yaml")
     plan = build_plan(cfg)
     stages = collections.Counter(n.stage for n in plan.nodes.values())
-    # retrieval: 4 Ascend graphs x 6 bs OMs; blip_itm 2 + 3 + 3 precisions; blip_cap F32 on 3 chips;
-    # vqa: venc 2 + 4 + 2 precisions, tenc 1 + 3 + 1, tdec 1 + 1 + 1.
+    # retrieval: 4 Ascend graphs x 6 bs OMs; blip_itm 2 + 3 + 3 precisions; captioning's three
+    # graphs F32 on 3 chips; vqa: venc 2 + 4 + 2 precisions, tenc 1 + 3 + 1, tdec and tdec_step 3 each.
     assert stages["om"] == 4 * 6
-    assert stages["bmodel"] == (2 + 3 + 3) + 3 + (2 + 4 + 2) + (1 + 3 + 1) + 3
-    assert stages["transform"] == 5  # the five SOPHGO graphs at bs1, each shared by every chip and precision
+    assert stages["bmodel"] == (2 + 3 + 3) + 3 * 3 + (2 + 4 + 2) + (1 + 3 + 1) + 3 + 3
+    assert stages["transform"] == 8  # the eight SOPHGO graphs at bs1, each shared by every chip and precision
     assert stages["calibrate"] == 2  # blip_itm and blip_vqa_venc (INT8 somewhere)
-    assert stages["simplify"] == 4 * 6 + 5
+    assert stages["simplify"] == 4 * 6 + 8
     assert stages["onnx"] == stages["checkpoint"] == 3
     names = [n.outputs[0] for n in plan.nodes.values() if n.stage == "bmodel"]
     assert "retrieval/BM1684X/blip_itm_bm1684x_f32_1b.bmodel" in names
