@@ -85,7 +85,7 @@ def take(config_path: str, plan):
     if _watched(plan) != watched:
         return
     store = state.Store(plan)
-    fresh = [node_id for node_id, node in plan.nodes.items() if store.is_fresh(node)]
+    fresh = sorted(store.fresh_closure())
     store.save_verdicts()
     specs = task_specs(plan)
     if stat_keys(watched) != before:

@@ -214,6 +214,19 @@ class Store:
     def is_fresh(self, node: Node) -> bool:
         return not self.check(node)
 
+    def fresh_closure(self) -> set[str]:
+        """Nodes fresh together with everything upstream of them. A node's own check compares its
+        inputs with the upstream *records*, which a stale upstream still has until it is rebuilt;
+        only this set may be taken as up to date without asking again after upstream work."""
+        fresh: dict[str, bool] = {}
+
+        def visit(node_id: str) -> bool:
+            if node_id not in fresh:
+                node = self.plan.nodes[node_id]
+                fresh[node_id] = all(visit(d) for d in node.deps) and self.is_fresh(node)
+            return fresh[node_id]
+        return {node_id for node_id in self.plan.nodes if visit(node_id)}
+
     # --- verdict memo -----------------------------------------------------------------
     # A node found fresh stays fresh while nothing _check reads has changed: its declaration,
     # its toolchain, its build code and its input_files, compared by inode, size, mtime and ctime

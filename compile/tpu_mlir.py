@@ -35,7 +35,9 @@ def _dir(model: str, graph: str, batch: int) -> str:
 
 def transform_outputs(model: str, graph: str, batch: int) -> tuple[str, ...]:
     d = _dir(model, graph, batch)
-    return (f"{d}/{graph}_{batch}b.mlir", f"{d}/{graph}_top_f32_all_weight.npz", f"{d}/{graph}_in_f32.npz",
+    # model_transform names the weight file after the lower-cased model name (BLIP_text ->
+    # blip_text_top_f32_all_weight.npz), and the top MLIR refers to it by that name.
+    return (f"{d}/{graph}_{batch}b.mlir", f"{d}/{graph.lower()}_top_f32_all_weight.npz", f"{d}/{graph}_in_f32.npz",
             f"{d}/{graph}_top_outputs.npz")
 
 

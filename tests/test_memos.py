@@ -267,3 +267,20 @@ def test_pth_checkpoint_run_is_replayed_without_traceback(tmp_path):
     replay = doit(cfg, "onnx:p", env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert executed(replay) == [] and "Traceback" not in replay.stderr, replay.stderr
     assert "buildplan.snapshot" in replay.stderr and "buildplan.config" not in replay.stderr
+
+
+def test_stale_upstream_is_never_replayed_as_fresh(tmp_path):
+    """Seed changed, then `doit stale` (which writes the snapshot), then `doit`: every artifact
+    downstream of the checkpoint must be rebuilt in that one run. The snapshot recorded each node
+    as fresh by its own record alone, so `doit` ran only checkpoint:m and exited 0 with the rest stale."""
+    def sophgo_only(seed):
+        return [{**_model(seed=seed)[0], "targets": {"bm1684x": {"graphs": ["BLIP_text"], "precisions": ["F32"],
+                                                                  "simulate": False}}}]
+    cfg = write_config(tmp_path / "models.yaml", sophgo_only(3), tmp_path / "artifacts")
+    doit(cfg)
+    write_config(cfg, sophgo_only(9), tmp_path / "artifacts")
+    assert doit(cfg, "stale", "--check", check=False).returncode == 1
+    rebuilt = doit(cfg)
+    assert executed(rebuilt) == ["checkpoint:m", "onnx:m", "simplify:m.BLIP_text.bs1", "transform:m.BLIP_text.1b",
+                                 "bmodel:m.BLIP_text.bm1684x.F32.1b"]
+    assert doit(cfg, "stale", "--check", check=False).returncode == 0
