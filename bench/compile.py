@@ -69,6 +69,8 @@ def report(cfg: Path, ran: list[str], wall: float | None) -> None:
               f"{rec.get('tool_peak_rss_mb', 0):6.0f}MB {mb(dev.get('device_bytes'))} {mb(dev.get('bmodel_bytes'))}  {sim}")
     print("stage totals: " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items())
           + (f"; whole doit run (export included) {wall:.1f} s" if wall else ""))
+    if not ran:
+        return  # a report of an earlier build: what ran then is not known here
     bmodels = [n for n in plan.nodes.values() if n.stage == "bmodel"]
     # The seed scripts run model_transform inside every per-chip script, for each graph and batch size.
     seed = len({(n.labels["target"], n.labels["graph"], n.labels["batch"]) for n in bmodels})
