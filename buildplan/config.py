@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.files import atomic_write, cache_dir, default_config_path, keep_newest
+from buildplan.files import atomic_write, cache_dir, default_config_path, keep_newest, read_json
 from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_DEVICE_MEMORY_MB, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
 from export.specs import GRAPHS, graphs_for_task
@@ -143,11 +143,11 @@ def load(path: str | os.PathLike | None = None) -> Config:
 def _parse_yaml(text: bytes, shown: str):
     """yaml.safe_load, memoised as JSON by content hash: importing PyYAML alone costs ~25 ms of
     every no-op `doit`. Only documents that survive a JSON round trip unchanged are memoised."""
-    memo = cache_dir() / "parsed-yaml" / f"{hashlib.sha256(text).hexdigest()}.json"
-    try:
-        return json.loads(memo.read_text())
-    except (OSError, ValueError):
-        pass
+    digest = hashlib.sha256(text).hexdigest()
+    memo = cache_dir() / "parsed-yaml" / f"{digest}.json"
+    cached = read_json(memo)
+    if cached and cached.get("source_sha256") == digest and "document" in cached:
+        return cached["document"]  # anything else (damaged, older format) is parsed again
     import yaml
 
     try:
@@ -157,8 +157,8 @@ def _parse_yaml(text: bytes, shown: str):
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(shown, where, f"not valid YAML: {getattr(e, 'problem', e)}", "fix the YAML syntax") from None
     try:
-        as_json = json.dumps(raw)
-        if json.loads(as_json) == raw:
+        as_json = json.dumps({"source_sha256": digest, "document": raw})
+        if json.loads(as_json)["document"] == raw:
             atomic_write(memo, as_json, durable=False)
             keep_newest(memo.parent, 256)  # one file per config text ever loaded (tests make many)
     except (TypeError, ValueError, OSError):

@@ -3,6 +3,7 @@ snapshot (this module imports none of them)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,17 @@ def default_config_path() -> Path:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BLIPC_CACHE") or Path.home() / ".cache" / "blipc")
+
+
+def read_json(path: str | Path, expect: type = dict):
+    """A state or cache file's JSON, or None when it is missing, unreadable, not JSON or not of the
+    expected top-level type: damaged state counts as no state and never stops a build."""
+    try:
+        with open(path, "rb") as f:
+            value = json.loads(f.read())
+    except (OSError, ValueError):  # ValueError covers bad JSON and bytes that are not UTF-8
+        return None
+    return value if isinstance(value, expect) else None
 
 
 def atomic_write(path: str | Path, data: bytes | str, durable: bool = True):

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, stat_keys
+from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, read_json, stat_keys
 
 ENV = ("PATH", "HOME", "ASCEND_TOOLKIT_HOME", "BLIPC_CACHE", "BLIPC_TPU_MLIR")
 FORMAT = 1
@@ -35,8 +35,8 @@ def _context() -> dict:
 def load(config_path: str) -> dict | None:
     """The snapshot for this config if everything it was made from is unchanged, else None."""
     try:
-        snap = json.loads(_file(config_path).read_bytes())
-        if snap["context"] == _context() and stat_keys(snap["watched"]) == snap["stats"]:
+        snap = read_json(_file(config_path))
+        if snap and snap["context"] == _context() and stat_keys(snap["watched"]) == snap["stats"]:
             return snap
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, torn or from another format: the full path

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from buildplan import toolchains
-from buildplan.files import atomic_write, stat_key, tree_paths
+from buildplan.files import atomic_write, read_json, stat_key, tree_paths
 from buildplan.plan import Node, Plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +66,7 @@ class Store:
         self._verdicts_dirty = False
         self._code_stats: dict[str, tuple | None] = {}
         self._toolchain_reprs: dict[str | None, str] = {}
+        self._unreadable: set[str] = set()  # node ids whose record exists but cannot be trusted
 
     # --- records ----------------------------------------------------------------------
     def record_path(self, node_id: str) -> Path:
@@ -88,11 +89,11 @@ class Store:
         hit = self._records.get(node_id)
         if hit and hit[0] == key:
             return hit[1]
-        try:
-            with open(path, "rb") as f:
-                rec = json.loads(f.read())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None  # a torn record counts as no record
+        rec = read_json(path)
+        if not valid_record(rec, node_id):
+            self._unreadable.add(node_id)  # damaged or foreign: no record, and the check says why
+            return None
+        self._unreadable.discard(node_id)
         self._records[node_id] = (key, rec)
         return rec
 
@@ -115,10 +116,8 @@ class Store:
             self.failure_path(node_id).unlink()
 
     def read_failure(self, node_id: str) -> dict | None:
-        try:
-            return json.loads(self.failure_path(node_id).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        marker = read_json(self.failure_path(node_id))
+        return marker if marker and isinstance(marker.get("error"), str) else None
 
     # --- fingerprints -----------------------------------------------------------------
     def source_hash(self, path: str) -> str:
@@ -131,7 +130,7 @@ class Store:
         key = [st.st_size, st.st_mtime_ns, st.st_ino]
         cache = self._load_hashcache()
         hit = cache.get(path)
-        if hit and hit[:3] == key:
+        if isinstance(hit, list) and hit[:3] == key and len(hit) == 4 and isinstance(hit[3], str):
             return hit[3]
         digest = sha256_file(path)
         cache[path] = key + [digest]
@@ -140,10 +139,7 @@ class Store:
 
     def _load_hashcache(self) -> dict:
         if self._hashcache is None:
-            try:
-                self._hashcache = json.loads((self.state_dir / "hashcache.json").read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                self._hashcache = {}
+            self._hashcache = read_json(self.state_dir / "hashcache.json") or {}
         return self._hashcache
 
     def parts(self, node: Node) -> dict:
@@ -200,7 +196,10 @@ class Store:
             if not tc.available:
                 reasons.append({"kind": "toolchain_missing", "text": f"toolchain {node.toolchain} is not available"})
         if rec is None:
-            if not reasons:
+            if node.id in self._unreadable:
+                reasons.insert(0, {"kind": "record_unreadable",
+                                   "text": "record unreadable (damaged or not a build record): rebuilt"})
+            elif not reasons:
                 reasons.append({"kind": "never_built", "text": "no build record (never built, failed or interrupted)"})
             elif all(r["kind"] in ("output_missing", "toolchain_missing") for r in reasons):
                 reasons.insert(0, {"kind": "never_built", "text": "not built yet"})
@@ -262,10 +261,7 @@ class Store:
 
     def _load_verdicts(self) -> dict:
         if self._verdicts is None:
-            try:
-                self._verdicts = json.loads((self.state_dir / self.VERDICTS).read_bytes())
-            except (OSError, ValueError):
-                self._verdicts = {}
+            self._verdicts = read_json(self.state_dir / self.VERDICTS) or {}
         return self._verdicts
 
     def _remember_fresh(self, node_id: str, key: str):
@@ -300,16 +296,26 @@ class Store:
             for p in sorted(self.state_dir.glob("*.json")):
                 if p.name in ("hashcache.json", self.VERDICTS):
                     continue
-                try:
-                    rec = json.loads(p.read_text())
-                except (FileNotFoundError, json.JSONDecodeError):
-                    continue  # dropped by a task that just started (parallel builds), or torn
+                rec = read_json(p)
+                if not valid_record(rec, rec.get("node") if rec else None):
+                    continue  # dropped by a task that just started (parallel builds), or damaged
                 for rel, meta in rec["outputs"].items():
                     if (self.root / rel).exists():
                         entries.append({"path": rel, **meta, "node": rec["node"], "stage": rec["stage"],
                                         "model": rec["model"], "labels": rec.get("labels", {}),
                                         "fingerprint": rec["fingerprint"], "record": str(p.relative_to(self.root))})
             atomic_write(self.root / "manifest.json", json.dumps({"artifacts": entries}, indent=1))
+
+
+def valid_record(rec, node_id) -> bool:
+    """The shape every committed record has; anything else is not trusted as one."""
+    if not (isinstance(rec, dict) and isinstance(node_id, str) and rec.get("node") == node_id
+            and isinstance(rec.get("fingerprint"), str) and isinstance(rec.get("digest"), str)
+            and isinstance(rec.get("parts"), dict) and isinstance(rec.get("outputs"), dict)
+            and isinstance(rec.get("stage"), str)):
+        return False
+    return all(isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("mtime_ns"), int)
+               and isinstance(meta.get("sha256"), str) for meta in rec["outputs"].values())
 
 
 def explain(old: dict, new: dict) -> list[dict]:

@@ -7,6 +7,7 @@ stat keys: a no-op build only stats them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.files import atomic_write, cache_dir, stat_keys
+from buildplan.files import atomic_write, cache_dir, read_json, stat_keys
 
 TPU_MLIR_VERSION = "1.30.2"
 TPU_MLIR_HOWTO = ("run ./bootstrap.sh (installs TPU-MLIR {v} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
@@ -82,13 +83,11 @@ def _memoised(name: str, watched: list[str], identify) -> Toolchain:
     key = f"{name}:{'|'.join(watched)}"
     stats = stat_keys(watched)
     memo_path = cache_dir() / "toolchains.json"
-    try:
-        memo = json.loads(memo_path.read_bytes())
-    except (OSError, ValueError):
-        memo = {}
+    memo = read_json(memo_path) or {}
     hit = memo.get(key)
-    if hit and hit["stats"] == stats:
-        return Toolchain(**hit["toolchain"])
+    if isinstance(hit, dict) and hit.get("stats") == stats:
+        with contextlib.suppress(TypeError):  # a damaged entry: identify again
+            return Toolchain(**hit["toolchain"])
     tc = identify()
     if tc.available:  # a missing toolchain is cheap to detect and its message depends on the env
         memo[key] = {"stats": stats, "toolchain": tc._asdict()}
