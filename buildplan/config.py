@@ -17,7 +17,12 @@ from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_DEVICE_MEMORY
 from export.presets import ARCHS, TASKS
 from export.specs import GRAPHS, graphs_for_task
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# What a models.yaml may be: a few KB, a few hundred nodes. Far above any real one, far below
+# what hurts (a 600-byte alias bomb expanded to 8 GB).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
 # ATC flags the stage sets itself; users may not override them through extra_flags.
 ATC_MANAGED_FLAGS = ("--framework", "--model", "--output", "--input_format", "--input_shape",
                      "--soc_version", "--log", "--dynamic_batch_size", "--precision_mode",
@@ -137,47 +142,129 @@ def load(path: str | os.PathLike | None = None) -> Config:
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else str(path)
     if not path.is_file():
         raise ConfigError(shown, "", "config file not found", "create it (see models.yaml) or pass config=FILE / BLIPC_CONFIG")
-    return validate(_parse_yaml(path.read_bytes(), shown), shown, path.parent)
+    text = path.read_bytes()
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(shown, "", f"{len(text)} bytes is not a models.yaml (at most {MAX_YAML_BYTES})",
+                          "point config= at the models.yaml you meant")
+    raw, remember = _parse_yaml(text, shown)
+    cfg = validate(raw, shown, path.parent)
+    remember()  # only documents that validated are memoised
+    return cfg
 
 
 def _parse_yaml(text: bytes, shown: str):
-    """yaml.safe_load, memoised as JSON by content hash: importing PyYAML alone costs ~25 ms of
-    every no-op `doit`. Only documents that survive a JSON round trip unchanged are memoised."""
+    """(document, remember): yaml.safe_load with refusals, memoised as JSON by content hash, since
+    importing PyYAML alone costs ~25 ms of every no-op `doit`. `remember()` writes the memo; the
+    caller calls it once the document validated."""
     digest = hashlib.sha256(text).hexdigest()
     memo = cache_dir() / "parsed-yaml" / f"{digest}.json"
     cached = read_json(memo)
     if cached and cached.get("source_sha256") == digest and "document" in cached:
-        return cached["document"]  # anything else (damaged, older format) is parsed again
+        return cached["document"], lambda: None  # anything else (damaged, older format) is parsed again
+    raw = _safe_yaml(text, shown)
+
+    def remember():
+        try:
+            as_json = json.dumps({"source_sha256": digest, "document": raw})
+            if json.loads(as_json)["document"] == raw:
+                atomic_write(memo, as_json, durable=False)
+                keep_newest(memo.parent, 256)  # one file per config text ever loaded (tests make many)
+        except (TypeError, ValueError, OSError):
+            pass  # not JSON-shaped (dates, non-string keys) or a read-only cache: parse each time
+    return raw, remember
+
+
+def _safe_yaml(text: bytes, shown: str):
+    """yaml.safe_load, refusing duplicate keys (a second `bm1684x:` silently replaced the first),
+    documents whose aliases expand beyond MAX_YAML_NODES, and nesting beyond MAX_YAML_DEPTH."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping_without_duplicates(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(shown, f"line {line}", f"duplicate key {key!r} (first on line {seen[key]})",
+                                  "keep one: a second key silently replaces the first")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping_without_duplicates)
     try:
-        raw = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=Loader)
+        _check_expansion(root, shown)
+        return yaml.load(text, Loader=Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(shown, where, f"not valid YAML: {getattr(e, 'problem', e)}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise ConfigError(shown, "", f"the document is nested more than {MAX_YAML_DEPTH} levels deep",
+                          "a models.yaml needs about six levels") from None
+
+
+def _check_expansion(root, shown: str) -> None:
+    """Count the nodes the document would have with every alias expanded, without expanding it
+    (a shared node is counted once per use, from a memo)."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+
+    def size(node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(shown, "", f"the document is nested more than {MAX_YAML_DEPTH} levels deep",
+                              "a models.yaml needs about six levels")
+        if id(node) not in sizes:
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+            total = 1
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_YAML_NODES:
+                    raise ConfigError(shown, "", f"the document expands to more than {MAX_YAML_NODES} values "
+                                      "through its aliases (&anchor / *alias)", "write the values out, without nested aliases")
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    if root is not None:
+        size(root, 0)
+
+
+def _usable_path(c: "_Checker", value, field: str, base_dir: Path, what: str, folder: bool = False) -> Path:
+    """`value` resolved against the config's folder; a ConfigError if the system cannot use it (NUL
+    byte, symlink loop, over-long name) or, for a folder, if something else is there."""
+    c.typed(value, field, str, what)
     try:
-        as_json = json.dumps({"source_sha256": digest, "document": raw})
-        if json.loads(as_json)["document"] == raw:
-            atomic_write(memo, as_json, durable=False)
-            keep_newest(memo.parent, 256)  # one file per config text ever loaded (tests make many)
-    except (TypeError, ValueError, OSError):
-        pass  # not JSON-shaped (dates, non-string keys) or a read-only cache: parse each time
-    return raw
+        p = (base_dir / value).resolve()
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            st = None
+    except (OSError, RuntimeError, ValueError) as e:  # ValueError: NUL byte; RuntimeError: symlink loop
+        c.fail(field, f"{value!r} is not a usable path ({getattr(e, 'strerror', None) or e})",
+               f"give {what} that exists or can be created")
+    if folder and st is not None and not os.path.isdir(p):
+        c.fail(field, f"{p} exists and is not a directory", f"give {what}")
+    return p
 
 
 def validate(raw, file: str, base_dir: Path) -> Config:
     c = _Checker(file)
     top = c.mapping(raw, "", ("models", "artifacts", "toolchains"), ("models",))
-    artifacts = top.get("artifacts", "artifacts")
-    c.typed(artifacts, "artifacts", str, "a directory path")
+    artifacts = _usable_path(c, top.get("artifacts", "artifacts"), "artifacts", base_dir, "a directory path", folder=True)
     tpu_root = None
     if "toolchains" in top:
         tc = c.mapping(top["toolchains"], "toolchains", ("tpu_mlir",))
         if "tpu_mlir" in tc:
             t = c.mapping(tc["tpu_mlir"], "toolchains.tpu_mlir", ("root",))
             if t.get("root") is not None:
-                tpu_root = str((base_dir / c.typed(t["root"], "toolchains.tpu_mlir.root", str, "a directory path")).resolve())
+                tpu_root = str(_usable_path(c, t["root"], "toolchains.tpu_mlir.root", base_dir, "a directory path",
+                                            folder=True))
     models_raw = top["models"]
     if not isinstance(models_raw, list) or not models_raw:
         c.fail("models", f"expected a non-empty list of models, got {_kind(models_raw)}")
@@ -190,14 +277,14 @@ def validate(raw, file: str, base_dir: Path) -> Config:
         names[model.name] = i
         models.append(model)
     return Config(str(base_dir / Path(file).name) if not os.path.isabs(file) else file,
-                  str((base_dir / artifacts).resolve()), tuple(models), tpu_root)
+                  str(artifacts), tuple(models), tpu_root)
 
 
 def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
     m = c.mapping(raw, path, ("name", "task", "checkpoint", "arch", "image_size", "graphs", "targets", "calibration"),
                   ("name", "task", "checkpoint", "targets"))
     name = c.typed(m["name"], f"{path}.name", str, "a string")
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # match() with `$` let a trailing newline through
         c.fail(f"{path}.name", f"{name!r} is not a safe artifact name (it would name files under artifacts/)",
                "use letters, digits, '_' or '-' (at most 64, no '/', '.' or spaces)")
     task = c.choice(m["task"], f"{path}.task", TASKS, "task")
@@ -263,7 +350,7 @@ def _checkpoint(c: _Checker, raw, path: str, base_dir: Path) -> tuple[Checkpoint
         return Checkpoint("synthetic", preset=preset, seed=seed), preset
     if "seed" in spec:
         c.fail(f"{path}.seed", "only synthetic checkpoints take a seed", "remove `seed`")
-    p = (base_dir / c.typed(spec["path"], f"{path}.path", str, "a file path")).resolve()
+    p = _usable_path(c, spec["path"], f"{path}.path", base_dir, "a file path")
     if p.is_dir():
         if not (p / "config.json").is_file():
             c.fail(f"{path}.path", f"{p} is a directory without config.json",

@@ -8,6 +8,7 @@ raw (batch-dynamic) graph.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from buildplan.plan import Node
 from compile.chips import ASCEND_SOCS
@@ -34,7 +35,6 @@ def command(spec, dims: dict, soc: str, batch: int | None, target, batches: tupl
         argv.append("--dynamic_batch_size=" + ",".join(map(str, batches)))
     if target.precision_mode:
         argv.append(f"--precision_mode={target.precision_mode}")
-    argv += list(target.extra_flags.get(spec.name, ()))
     return argv
 
 
@@ -52,10 +52,27 @@ def declare(plan, model, dims: dict, target, onnx_id: str, simplify_stage) -> No
                 model=model.name, outputs=(f"{model.name}/{soc_dir}/{stem}.om",),
                 action="compile.atc:run", code=CODE, toolchain="atc", deps=(dep,),
                 params={"graph": graph, "argv": command(spec, dims, target.name, bs, target, target.batch_sizes),
+                        # the user's flags go to atc exactly as written, never through the placeholders
+                        "extra_flags": list(target.extra_flags.get(graph, ())),
+                        "model_file": Path(dep_onnx(plan, dep, graph if bs is None else None)).name,
                         "op_precision_ini": spec.atc_op_precision, "stem": stem},
                 labels={"graph": graph, "batch": bs if bs is not None else list(target.batch_sizes),
                         "target": target.name, "precision": target.precision_mode or "default"}),
                 f"compile:{target.name}")
+
+
+def dep_onnx(plan, dep_id: str, graph: str | None = None) -> str:
+    """The ONNX file an OM is compiled from: the simplified per-batch graph (its only .onnx), or
+    for a dynamic-batch OM the raw graph named exactly after it (not found by substring:
+    BLIP_image is a prefix of BLIP_image_feat)."""
+    outputs = plan.nodes[dep_id].outputs
+    return next(o for o in outputs if o.endswith(".onnx") and (graph is None or Path(o).name == f"{graph}.onnx"))
+
+
+def _fill(arg: str, fill: dict) -> str:
+    for placeholder, value in fill.items():
+        arg = arg.replace(placeholder, value)
+    return arg
 
 
 def run(node: Node, ctx) -> dict:
@@ -64,12 +81,12 @@ def run(node: Node, ctx) -> dict:
     p = node.params
     work = ctx.workdir()
     dep = ctx.plan.nodes[node.deps[0]]
-    model_file = ctx.path(next(o for o in dep.outputs if o.endswith(".onnx") and p["graph"] in o))
-    fill = {"model": str(model_file), "output": str(work / p["stem"]), "ini": str(work / "op_precision.ini")}
+    model_file = ctx.path(next(o for o in dep.outputs if Path(o).name == p["model_file"]))
+    fill = {"{model}": str(model_file), "{output}": str(work / p["stem"]), "{ini}": str(work / "op_precision.ini")}
     if p["op_precision_ini"]:
         (work / "op_precision.ini").write_text(p["op_precision_ini"])
     tc = ctx.toolchain()
-    argv = [str(tc.bin_dir) + "/atc"] + [a.format(**fill) for a in p["argv"][1:]]
+    argv = [str(tc.bin_dir) + "/atc"] + [_fill(a, fill) for a in p["argv"][1:]] + p["extra_flags"]
     ctx.run(argv, cwd=work, what="atc")
     produced = work / f"{p['stem']}.om"
     if not produced.is_file() or produced.stat().st_size == 0:

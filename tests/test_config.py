@@ -35,6 +35,14 @@ CASES = [
     (lambda r: r["models"][0].update(graphs=["blip_cap"]), "models[0].graphs[0]", "unknown retrieval graph"),
     (lambda r: r["models"][1].update(name="ret"), "models[1].name", "duplicate model name"),
     (lambda r: r["models"][0].update(name="../escape"), "models[0].name", "not a safe artifact name"),
+    (lambda r: r["models"][0].update(name="ret\n"), "models[0].name", "not a safe artifact name"),
+    (lambda r: r["models"][0]["targets"]["bm1684x"].update(device_memory_mb=0), "models[0].targets.bm1684x.device_memory_mb", "out of range"),
+    (lambda r: r["models"][0]["targets"]["bm1684x"].update(device_memory_mb="4G"), "models[0].targets.bm1684x.device_memory_mb", "an integer"),
+    (lambda r: r.update(artifacts="/dev/null"), "artifacts", "not a directory"),
+    (lambda r: r.update(artifacts="a\0b"), "artifacts", "not a usable path"),
+    (lambda r: r.update(artifacts="x" * 300), "artifacts", "not a usable path"),
+    (lambda r: r["models"][0].update(checkpoint="ck\0.pth"), "models[0].checkpoint.path", "not a usable path"),
+    (lambda r: r.update(toolchains={"tpu_mlir": {"root": "/dev/null"}}), "toolchains.tpu_mlir.root", "not a directory"),
     (lambda r: r["models"][0].update(checkpoint="missing.pth"), "models[0].checkpoint.path", "does not exist"),
     (lambda r: r["models"][0]["targets"]["ascend310p3"].update(batch_sizes=[1, "4"]), "models[0].targets.ascend310p3.batch_sizes[1]", "expected an integer"),
     (lambda r: r["models"][0]["targets"]["ascend310p3"].update(batch_sizes=[1, 1]), "models[0].targets.ascend310p3.batch_sizes[1]", "duplicate batch size"),
@@ -99,3 +107,46 @@ def test_doit_reports_config_error_without_traceback(tmp_path):
     proc = doit(path, "list", check=False)
     assert proc.returncode == 2
     assert "models[1].targets.bm1684.precisions[0]" in proc.stderr and "Traceback" not in proc.stderr
+
+
+RAW_CASES = {
+    "duplicate key": ("models:\n  - name: a\n    name: b\n", "line 3", "duplicate key 'name'"),
+    "duplicate chip block": ("models:\n  - name: a\n    task: vqa\n    checkpoint: {synthetic: tiny}\n    targets:\n"
+                             "      bm1684x: {precisions: [F32]}\n      bm1684x: {precisions: [F16]}\n",
+                             "line 7", "duplicate key 'bm1684x'"),
+    "alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9)) + "models: *j\n",
+                   "", "aliases"),
+    "deep nesting": ("models: " + "[" * 1000 + "]" * 1000 + "\n", "", "nested"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_CASES))
+def test_malformed_yaml_documents_are_refused_quickly(tmp_path, case, monkeypatch):
+    """Duplicate keys silently replaced a block; an alias bomb grew `doit list` to 8 GB; deep
+    nesting raised RecursionError. Each is one ConfigError, and a rejected document is not memoised."""
+    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    text, where, problem = RAW_CASES[case]
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert where in err.value.field and problem in str(err.value), str(err.value)
+    assert not list((tmp_path / "cache").glob("parsed-yaml/*.json"))
+
+
+def test_artifacts_and_checkpoint_paths_that_cannot_be_used(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for bad, problem in ((str(a_file), "not a directory"), (str(loop / "x"), "not a usable path")):
+        path = tmp_path / "models.yaml"
+        path.write_text(yaml.safe_dump(mutate(lambda r: r.update(artifacts=bad))))
+        with pytest.raises(config.ConfigError, match=problem):
+            config.load(path)
+    path.write_text(yaml.safe_dump(mutate(lambda r: r["models"][0].update(checkpoint=str(loop)))))
+    with pytest.raises(config.ConfigError, match="not a usable path") as err:
+        config.load(path)
+    assert err.value.field == "models[0].checkpoint.path"
