@@ -45,7 +45,7 @@ _lock.hold_if_building(_ROOT, sys.argv[1:])
 DOIT_CONFIG = {
     "default_tasks": ["default"],
     "dep_file": str(Path(_ROOT) / ".doit.db"),
-    "backend": "json",
+    "backend": "safejson",  # buildplan/doitdb.py: atomic, a damaged file never stops a build
     "verbosity": 1,
 }
 

@@ -6,6 +6,7 @@ and every gate passed, so a failure or a kill at any moment leaves nothing that 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib
 import os
@@ -119,8 +120,43 @@ def _peak_rss_bytes() -> int:
     return 0
 
 
+def _out_of_space(e: BaseException | None) -> OSError | None:
+    """The ENOSPC (or EDQUOT) behind a failure, if that is what it was."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if "No space left on device" in str(e):  # libraries that wrap it (torch, onnx, protobuf)
+            return OSError(errno.ENOSPC, "No space left on device")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _out_of_space_message(node_id: str, e: OSError, root: Path) -> str:
+    where = e.filename or root
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    return (f"{node_id}: out of disk space writing {where} ({free}). Free some space and run again: "
+            "every artifact already built is intact and stays fresh; this one's partial files were removed.")
+
+
 def run_task(config_path: str, node_id: str):
     """doit action. Returns None on success, a TaskFailed with the log path on failure."""
+    from doit.exceptions import TaskFailed
+
+    try:
+        return _run_task(config_path, node_id)
+    except OSError as e:  # out of space before or after the stage itself (log, record, manifest)
+        full = _out_of_space(e)
+        if full is None:
+            raise
+        plan = load_plan(config_path)
+        shutil.rmtree(Path(plan.root) / ".staging" / f"{node_id.replace(':', '__')}.{os.getpid()}", ignore_errors=True)
+        return TaskFailed(_out_of_space_message(node_id, full, Path(plan.root)))
+
+
+def _run_task(config_path: str, node_id: str):
     from doit.exceptions import TaskFailed
 
     plan = load_plan(config_path)
@@ -148,10 +184,17 @@ def run_task(config_path: str, node_id: str):
             st = final.stat()
             outputs[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(final)}
     except BaseException as e:  # noqa: BLE001 - any failure, incl. KeyboardInterrupt, must not leave a record
-        ctx.log(traceback.format_exc())
-        kept = ctx.staging if ctx.staging.exists() else None
+        with contextlib.suppress(OSError):  # a full disk must not hide the failure itself
+            ctx.log(traceback.format_exc())
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
+        full = _out_of_space(e)
+        if full is not None:
+            shutil.rmtree(ctx.staging, ignore_errors=True)  # the partial work is what filled the disk
+            with contextlib.suppress(OSError):
+                store.mark_failure(node_id, "out of disk space", str(ctx.log_path.relative_to(ctx.root)), _now())
+            return TaskFailed(_out_of_space_message(node_id, full, ctx.root))
+        kept = ctx.staging if ctx.staging.exists() else None
         detail = str(e) if isinstance(e, StageError) or type(e).__name__ in ("GateError", "CheckpointError") \
             else f"{type(e).__name__}: {e}"
         msg = f"{node_id}: {detail}\n  log: {ctx.log_path}"
