@@ -31,6 +31,15 @@ def read_json(path: str | Path, expect: type = dict):
     return value if isinstance(value, expect) else None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's own 0600 hid records from a team
+
+
 def atomic_write(path: str | Path, data: bytes | str, durable: bool = True):
     """Readers see the old or the new content, never a torn file. durable=False skips the fsync,
     for caches whose loss costs only a recomputation."""
@@ -38,6 +47,7 @@ def atomic_write(path: str | Path, data: bytes | str, durable: bool = True):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             if durable:

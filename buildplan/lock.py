@@ -48,3 +48,21 @@ def hold_if_building(root: str, argv: list[str]) -> None:
     f.flush()
     _held = f
     atexit.register(f.close)
+    _clean_dead_staging(Path(root) / ".staging")
+
+
+def _clean_dead_staging(staging: Path) -> None:
+    """Scratch folders `<task>.<pid>` of runs that were killed (a build holds the lock, so no other
+    build owns them; the pid tells whether a parallel worker of this one still does)."""
+    import shutil
+
+    for d in staging.glob("*.*"):
+        pid = d.suffix[1:]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # another user's process, alive; or not a pid at all

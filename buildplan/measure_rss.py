@@ -12,10 +12,20 @@ import subprocess
 import sys
 
 
+def _die_with_parent():
+    """In the child before exec: SIGKILL it when this launcher dies, however it dies (a kill -9 of
+    doit left TPU-MLIR running on after the build lock was free)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def main() -> int:
     out, argv = sys.argv[1], sys.argv[2:]
+    _die_with_parent()  # the launcher itself dies with the doit process
     try:
-        child = subprocess.Popen(argv)
+        child = subprocess.Popen(argv, preexec_fn=_die_with_parent)
     except OSError as e:
         print(f"cannot run {argv[0]}: {e}", file=sys.stderr)
         return 127

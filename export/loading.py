@@ -113,9 +113,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message opens with advice to retry with weights_only=False: exactly what must not
+        # be done with a file like this. Keep only its line naming what the pickle asked for.
+        what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
             f"{path}: refused to load: the file's pickle wants to run code or build objects that are not "
-            f"plain tensors ({str(e).splitlines()[0][:200]}). Only weight files are accepted; re-save it as "
+            f"plain tensors{f' ({what})' if what else ''}. Only weight files are accepted; re-save it as "
             f"{{'model': state_dict}} from a trusted environment."
         ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or foreign file

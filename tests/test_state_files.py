@@ -1,0 +1,49 @@
+"""Small state-hygiene guarantees: files follow the umask, toolchain processes die with the build,
+and scratch folders of killed runs are cleaned by the next build."""
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+from conftest import REPO, doit, write_config
+
+MODEL = [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 3}, "graphs": ["BLIP_text"],
+          "targets": {"ascend310p3": {"batch_sizes": [1]}}}]
+
+
+def test_records_follow_the_umask_and_dead_runs_scratch_is_cleaned(tmp_path):
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    dead = root / ".staging" / "onnx__m.999999999"  # a pid that cannot exist: a killed run's leftovers
+    live = root / ".staging" / f"onnx__m.{os.getpid()}"
+    for d in (dead, live):
+        (d / "out").mkdir(parents=True)
+    doit(cfg, "checkpoint:m")
+    assert not dead.exists() and live.exists()
+    for path in (root / ".state" / "checkpoint__m.json", root / "manifest.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~0o022, path  # records were 0600 (mkstemp)
+
+
+def test_toolchain_process_dies_with_the_launcher(tmp_path):
+    launcher = subprocess.Popen([sys.executable, str(REPO / "buildplan" / "measure_rss.py"), str(tmp_path / "rss"),
+                                 "sleep", "60"])
+    deadline = time.time() + 10
+    child = None
+    while child is None and time.time() < deadline:
+        out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        child = int(out[0]) if out else None
+        time.sleep(0.05)
+    assert child, "the launcher started no child"
+    os.kill(launcher.pid, signal.SIGKILL)  # as when doit is killed: nobody forwards anything
+    launcher.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError("the tool outlived its launcher")
