@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from doit.cmd_base import DoitCmdBase
 from doit.cmd_run import Run
@@ -38,6 +39,50 @@ class Stale(DoitCmdBase):
         return 1 if (check and stale) else 0
 
 
+def verify_outputs(plan, fix: bool) -> dict[str, list[str]]:
+    """node id -> problems of every built artifact whose outputs no longer match its record.
+    With fix, their records are dropped: they are stale, and the next build redoes them."""
+    from buildplan.state import Store
+
+    store = Store(plan)
+    damaged = {}
+    for node in plan.nodes.values():
+        problems = store.verify(node)
+        if problems:
+            damaged[node.id] = problems
+            if fix:
+                store.drop(node.id)
+    if fix and damaged:
+        store.write_manifest()
+    return damaged
+
+
+class Verify(DoitCmdBase):
+    name = "verify"
+    doc_purpose = "re-hash every built output against its record (bit rot, edits that kept the mtime)"
+    doc_usage = "[--fix] [--json]"
+    doc_description = ("Exit status 1 when any output differs from its record. --fix drops those records, "
+                       "so the next build redoes exactly them.")
+    cmd_options = (
+        {"name": "fix", "long": "fix", "type": bool, "default": False, "help": "mark damaged artifacts stale"},
+        {"name": "as_json", "long": "json", "type": bool, "default": False, "help": "machine-readable output"},
+    )
+
+    def _execute(self, fix=False, as_json=False):
+        plan = _plan()
+        damaged = verify_outputs(plan, fix)
+        self.dep_manager.close()
+        if as_json:
+            print(json.dumps({"damaged": damaged, "fixed": fix}, indent=1))
+        else:
+            for node_id, problems in damaged.items():
+                print(f"{node_id}: damaged" + (" (record dropped: rebuilt by the next build)" if fix else ""))
+                for p in problems:
+                    print(f"    - {p}")
+            print(f"verify: {len(damaged)} damaged artifact(s)" + ("" if damaged else ", every recorded output matches"))
+        return 1 if damaged else 0
+
+
 class Nightly(Run):
     name = "nightly"
     doc_purpose = "build everything declared, continue past failures, write a dated JSON + HTML report"
@@ -57,11 +102,15 @@ class Nightly(Run):
         plan = _plan()
         ok, skipped = available_targets(plan)
         started = nightly.now()
+        # bit rot first: a damaged output passes every cheap check (size, mtime) and would stay "fresh"
+        damaged = verify_outputs(plan, fix=True)
+        for node_id, problems in damaged.items():
+            print(f"verify: {node_id} damaged ({'; '.join(problems)}): rebuilt tonight", file=sys.stderr)
         self.sel_tasks = [g for g in plan.groups if g.startswith("export:")] + [f"compile:{t}" for t in ok]
         super()._execute(outfile, verbosity=verbosity, always=always, continue_=True, reporter=reporter,
                          num_process=num_process, par_type=par_type, single=single,
                          auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
                          failure_verbosity=failure_verbosity, pdb=pdb)
-        path, failed = nightly.write_report(plan, started, skipped, report_dir or None)
+        path, failed = nightly.write_report(plan, started, skipped, report_dir or None, damaged)
         print(f"nightly report: {path}.html (and .json); failed: {failed}", file=sys.stderr)
         return 1 if failed else 0

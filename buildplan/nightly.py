@@ -30,7 +30,8 @@ def _status(store: Store, node, started: str, skipped: dict[str, str]) -> dict:
     return {"status": "skipped", "reason": "an upstream artifact failed"}
 
 
-def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: str | None) -> tuple[Path, int]:
+def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: str | None,
+                 damaged: dict | None = None) -> tuple[Path, int]:
     store = Store(plan)
     rows = []
     for node in plan.nodes.values():
@@ -40,7 +41,7 @@ def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: 
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     doc = {"started": started, "finished": now(), "config": plan.config.path, "summary": counts,
-           "skipped_targets": skipped, "artifacts": rows}
+           "skipped_targets": skipped, "verify_damaged": damaged or {}, "artifacts": rows}
     out_dir = Path(report_dir or Path(plan.root) / "reports")
     stem = out_dir / f"nightly-{started[:19].replace(':', '')}"
     atomic_write(f"{stem}.json", json.dumps(doc, indent=1))

@@ -47,3 +47,26 @@ def test_toolchain_process_dies_with_the_launcher(tmp_path):
         time.sleep(0.05)
     os.kill(child, signal.SIGKILL)
     raise AssertionError("the tool outlived its launcher")
+
+
+def test_verify_finds_bit_rot_that_keeps_size_and_mtime(tmp_path):
+    """A byte flipped with the mtime restored passed as fresh forever; `doit verify` re-hashes,
+    `--fix` makes exactly that artifact stale, and the next build redoes it."""
+    from conftest import executed
+
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    doit(cfg, "export:m")
+    assert doit(cfg, "verify").returncode == 0
+    onnx = root / "m" / "onnx" / "BLIP_text.onnx"
+    st = onnx.stat()
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx.write_bytes(bytes(data))
+    os.utime(onnx, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert executed(doit(cfg, "export:m")) == []  # the cheap check cannot see it
+    found = doit(cfg, "verify", check=False)
+    assert found.returncode == 1 and "onnx:m: damaged" in found.stdout and "BLIP_text.onnx" in found.stdout
+    doit(cfg, "verify", "--fix", check=False)
+    assert executed(doit(cfg, "export:m")) == ["onnx:m"]
+    assert doit(cfg, "verify").returncode == 0
