@@ -20,6 +20,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BLIPC_CACHE") or Path.home() / ".cache" / "blipc")
 
 
+class SymlinkRefused(Exception):
+    """A write under artifacts/ would go through a symlink the build did not create."""
+
+
+def refuse_symlinks(root: str | Path, path: str | Path) -> None:
+    """Raise SymlinkRefused if any existing component of `path` below `root`, `path` included, is
+    a symlink: writes through one land outside artifacts/ (or overwrite its target). `root`
+    itself may be a link: that is where the user chose to keep the artifacts."""
+    root, path = Path(root), Path(path)
+    rel = path.relative_to(root)
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if os.path.islink(current):
+            raise SymlinkRefused(
+                f"refusing to write {path}: {current} is a symlink (to {os.readlink(current)}) that the build did "
+                f"not create, and writes never follow symlinks under {root}. Remove it (to keep artifacts "
+                f"elsewhere, point `artifacts:` in models.yaml there, or make {root} itself the link)")
+        if not os.path.lexists(current):
+            return  # nothing below a missing component exists yet
+
+
 def read_json(path: str | Path, expect: type = dict):
     """A state or cache file's JSON, or None when it is missing, unreadable, not JSON or not of the
     expected top-level type: damaged state counts as no state and never stops a build."""

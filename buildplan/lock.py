@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from buildplan.files import SymlinkRefused, refuse_symlinks
+
 READ_ONLY = {"list", "info", "help", "stale", "dumpdb", "tabcompletion", "strace", "forget", "ignore", "reset-dep"}
 _held = None  # keeps the file (and so the lock) open for the life of the process
 
@@ -29,7 +31,13 @@ def hold_if_building(root: str, argv: list[str]) -> None:
     if _held is not None or not is_build(argv):
         return
     path = Path(root) / ".build.lock"
-    f = open(path, "a+")
+    try:
+        refuse_symlinks(root, path)
+        # O_NOFOLLOW: a link made between the check and the open is refused too
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o666), "a+")
+    except (SymlinkRefused, OSError) as e:
+        print(f"error: cannot take the build lock: {e}", file=sys.stderr)
+        sys.exit(2)
     wait = os.environ.get("BLIPC_WAIT") == "1"
     while True:
         try:

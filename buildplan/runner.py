@@ -22,6 +22,7 @@ from pathlib import Path
 from buildplan import config as config_mod
 from buildplan import toolchains
 from buildplan.plan import Node, Plan, build_plan
+from buildplan.files import SymlinkRefused, refuse_symlinks
 from buildplan.state import Store, sha256_file
 
 
@@ -163,6 +164,12 @@ def _run_task(config_path: str, node_id: str):
     store = Store(plan)
     node = plan.nodes[node_id]
     ctx = Context(plan, store, node)
+    try:  # everything this task writes, before it writes anything
+        for path in (ctx.log_path, ctx.staging, store.record_path(node_id), store.failure_path(node_id),
+                     ctx.root / "manifest.json", *(ctx.path(rel) for rel in node.outputs)):
+            refuse_symlinks(ctx.root, path)
+    except SymlinkRefused as e:
+        return TaskFailed(f"{node_id}: {e}")
     store.drop(node_id)
     store.clear_failure(node_id)
     store.log_dir.mkdir(parents=True, exist_ok=True)

@@ -70,3 +70,34 @@ def test_verify_finds_bit_rot_that_keeps_size_and_mtime(tmp_path):
     doit(cfg, "verify", "--fix", check=False)
     assert executed(doit(cfg, "export:m")) == ["onnx:m"]
     assert doit(cfg, "verify").returncode == 0
+
+
+def test_writes_never_follow_symlinks_out_of_artifacts(tmp_path):
+    root = tmp_path / "artifacts"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    doit(cfg, "checkpoint:m")
+    # a symlinked output folder: the export would land outside artifacts/
+    (root / "m").mkdir()
+    (root / "m" / "onnx").symlink_to(outside, target_is_directory=True)
+    proc = doit(cfg, "onnx:m", check=False)
+    assert proc.returncode != 0 and "is a symlink" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+    (root / "m" / "onnx").unlink()
+    # a symlinked log file: its target would be overwritten
+    (root / "logs" / "onnx__m.log").unlink(missing_ok=True)
+    (root / "logs" / "onnx__m.log").symlink_to(outside / "precious.txt")
+    proc = doit(cfg, "onnx:m", check=False)
+    assert proc.returncode != 0 and "is a symlink" in proc.stdout + proc.stderr
+    assert (outside / "precious.txt").read_text() == "keep me"
+    (root / "logs" / "onnx__m.log").unlink()
+    # a symlinked build lock
+    (root / ".build.lock").unlink()
+    (root / ".build.lock").symlink_to(outside / "precious.txt")
+    proc = doit(cfg, "onnx:m", check=False)
+    assert proc.returncode == 2 and "build lock" in proc.stderr
+    assert (outside / "precious.txt").read_text() == "keep me"
+    (root / ".build.lock").unlink()
+    doit(cfg, "onnx:m")
