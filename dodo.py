@@ -41,6 +41,12 @@ else:
 sys.dont_write_bytecode = _dont_write_bytecode
 
 _lock.hold_if_building(_ROOT, sys.argv[1:])
+if not _SNAPSHOT and _lock.holding():
+    # the declaration may have changed (a batch size taken out): the manifest lists declared artifacts only
+    try:
+        _tasks.store_for(CONFIG_PATH).write_manifest()
+    except OSError as e:  # e.g. a full disk: the tasks will say so; the manifest is derived anyway
+        print(f"warning: manifest not refreshed: {e}", file=sys.stderr)
 
 DOIT_CONFIG = {
     "default_tasks": ["default"],

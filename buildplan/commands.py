@@ -83,6 +83,33 @@ class Verify(DoitCmdBase):
         return 1 if damaged else 0
 
 
+class Prune(DoitCmdBase):
+    name = "prune"
+    doc_purpose = "remove artifacts the config no longer declares (e.g. a batch size taken out)"
+    doc_usage = "[--dry-run]"
+    doc_description = "Lists, then deletes, the outputs and records of undeclared artifacts; declared ones are never touched."
+    cmd_options = (
+        {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "only list them"},
+    )
+
+    def _execute(self, dry_run=False):
+        from buildplan.state import Store, undeclared
+
+        store = Store(_plan())
+        found = undeclared(store)
+        for node_id, outputs in found.items():
+            print(f"{'would remove' if dry_run else 'removing'} {node_id}: {', '.join(outputs) or '(record only)'}")
+            if not dry_run:
+                store.drop(node_id)  # the record first: an interrupted prune leaves nothing that looks built
+                for rel in outputs:
+                    (store.root / rel).unlink(missing_ok=True)
+        if found and not dry_run:
+            store.write_manifest()
+        print(f"prune: {len(found)} undeclared artifact(s)" + (" (dry run)" if dry_run and found else ""))
+        self.dep_manager.close()
+        return 0
+
+
 class Nightly(Run):
     name = "nightly"
     doc_purpose = "build everything declared, continue past failures, write a dated JSON + HTML report"

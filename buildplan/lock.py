@@ -25,6 +25,10 @@ def is_build(argv: list[str]) -> bool:
     return not words or words[0] not in READ_ONLY
 
 
+def holding() -> bool:
+    return _held is not None
+
+
 def hold_if_building(root: str, argv: list[str]) -> None:
     global _held
     Path(root).mkdir(parents=True, exist_ok=True)

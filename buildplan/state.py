@@ -317,14 +317,27 @@ class Store:
                 if p.name in ("hashcache.json", self.VERDICTS):
                     continue
                 rec = read_json(p)
-                if not valid_record(rec, rec.get("node") if rec else None):
-                    continue  # dropped by a task that just started (parallel builds), or damaged
+                if not valid_record(rec, rec.get("node") if rec else None) or rec["node"] not in self.plan.nodes:
+                    continue  # dropped by a task that just started (parallel builds), damaged, or no longer declared
                 for rel, meta in rec["outputs"].items():
                     if (self.root / rel).exists():
                         entries.append({"path": rel, **meta, "node": rec["node"], "stage": rec["stage"],
                                         "model": rec["model"], "labels": rec.get("labels", {}),
                                         "fingerprint": rec["fingerprint"], "record": str(p.relative_to(self.root))})
             atomic_write(self.root / "manifest.json", json.dumps({"artifacts": entries}, indent=1))
+
+
+def undeclared(store: "Store") -> dict[str, list[str]]:
+    """Records (and their outputs) of artifacts the config no longer declares: node id -> output paths
+    that no declared artifact also writes."""
+    declared_outputs = {rel for node in store.plan.nodes.values() for rel in node.outputs}
+    found = {}
+    for p in sorted(store.state_dir.glob("*.json")):
+        rec = read_json(p)
+        if valid_record(rec, rec.get("node") if rec else None) and rec["node"] not in store.plan.nodes \
+                and p.name == f"{safe_name(rec['node'])}.json":
+            found[rec["node"]] = [rel for rel in rec["outputs"] if rel not in declared_outputs]
+    return found
 
 
 def valid_record(rec, node_id) -> bool:

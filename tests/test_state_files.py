@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, doit, write_config
+from conftest import REPO, doit, executed, write_config
 
 MODEL = [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 3}, "graphs": ["BLIP_text"],
           "targets": {"ascend310p3": {"batch_sizes": [1]}}}]
@@ -101,3 +101,24 @@ def test_writes_never_follow_symlinks_out_of_artifacts(tmp_path):
     assert (outside / "precious.txt").read_text() == "keep me"
     (root / ".build.lock").unlink()
     doit(cfg, "onnx:m")
+
+
+def test_undeclared_artifacts_leave_the_manifest_and_prune_removes_them(tmp_path):
+    import json
+
+    root = tmp_path / "artifacts"
+    two = [{**MODEL[0], "targets": {"ascend310p3": {"batch_sizes": [1, 2]}}}]
+    cfg = write_config(tmp_path / "models.yaml", two, root)
+    doit(cfg, "export:m")
+    bs2 = root / "m" / "onnx" / "BLIP_text_bs2.onnx"
+    assert bs2.exists()
+    write_config(cfg, MODEL, root)  # batch size 2 taken out
+    doit(cfg, "export:m")
+    listed = {a["path"] for a in json.loads((root / "manifest.json").read_text())["artifacts"]}
+    assert "m/onnx/BLIP_text_bs2.onnx" not in listed and "m/onnx/BLIP_text_bs1.onnx" in listed
+    dry = doit(cfg, "prune", "--dry-run")
+    assert "would remove simplify:m.BLIP_text.bs2" in dry.stdout and bs2.exists()
+    doit(cfg, "prune")
+    assert not bs2.exists() and not (root / ".state" / "simplify__m.BLIP_text.bs2.json").exists()
+    assert (root / "m" / "onnx" / "BLIP_text_bs1.onnx").exists()
+    assert executed(doit(cfg, "export:m")) == []
