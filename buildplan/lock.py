@@ -18,8 +18,21 @@ READ_ONLY = {"list", "info", "help", "stale", "dumpdb", "tabcompletion", "strace
 _held = None  # keeps the file (and so the lock) open for the life of the process
 
 
+# doit options that take a separate value (`-f dodo.py`): the value is not a command word.
+_VALUED = {"-f", "--file", "-d", "--dir", "--db-file", "--backend", "--codec-cls", "--check_file_uptodate",
+           "-n", "--process", "-P", "--parallel-type", "-r", "--reporter", "-o", "--output-file", "-v",
+           "--verbosity", "--failure-verbosity", "--report-dir"}
+
+
 def is_build(argv: list[str]) -> bool:
-    words = [a for a in argv if not a.startswith("-") and "=" not in a]
+    words, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _VALUED:
+            skip = True
+        elif not a.startswith("-") and "=" not in a:
+            words.append(a)
     if words and words[0] == "verify":
         return "--fix" in argv  # it drops records then
     return not words or words[0] not in READ_ONLY

@@ -122,3 +122,12 @@ def test_undeclared_artifacts_leave_the_manifest_and_prune_removes_them(tmp_path
     assert not bs2.exists() and not (root / ".state" / "simplify__m.BLIP_text.bs2.json").exists()
     assert (root / "m" / "onnx" / "BLIP_text_bs1.onnx").exists()
     assert executed(doit(cfg, "export:m")) == []
+
+
+def test_read_only_commands_never_lock_whatever_their_options():
+    from buildplan.lock import is_build
+
+    assert not is_build(["-f", "dodo.py", "list"])  # it took the lock: `dodo.py` looked like a task name
+    assert not is_build(["--dir", ".", "stale", "--json"]) and not is_build(["verify"])
+    assert is_build([]) and is_build(["-n", "2", "compile:bm1684x"]) and is_build(["-f", "dodo.py"])
+    assert is_build(["verify", "--fix"]) and is_build(["nightly", "--report-dir", "r"])
