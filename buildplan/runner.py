@@ -38,11 +38,16 @@ def load_plan(config_path: str) -> Plan:
     return build_plan(config_mod.load(config_path))
 
 
+def staging_dir(root: Path, node_id: str) -> Path:
+    """This process's scratch folder for a task (the pid tells a later build whether it is dead)."""
+    return root / ".staging" / f"{node_id.replace(':', '__')}.{os.getpid()}"
+
+
 class Context:
     def __init__(self, plan: Plan, store: Store, node: Node):
         self.plan, self.store, self.node = plan, store, node
         self.root = Path(plan.root)
-        self.staging = self.root / ".staging" / f"{node.id.replace(':', '__')}.{os.getpid()}"
+        self.staging = staging_dir(self.root, node.id)
         self.log_path = store.log_path(node.id)
         self.tool_peak_rss = 0  # bytes: the largest process any toolchain command of this node ran
 
@@ -153,7 +158,7 @@ def run_task(config_path: str, node_id: str):
         if full is None:
             raise
         plan = load_plan(config_path)
-        shutil.rmtree(Path(plan.root) / ".staging" / f"{node_id.replace(':', '__')}.{os.getpid()}", ignore_errors=True)
+        shutil.rmtree(staging_dir(Path(plan.root), node_id), ignore_errors=True)
         return TaskFailed(_out_of_space_message(node_id, full, Path(plan.root)))
 
 

@@ -247,8 +247,8 @@ def run_deploy(node: Node, ctx) -> dict:
                 cwd=work, what="model_runner.py (cmodel run of the bmodel)")
         with np.load(work / "bmodel_outputs.npz") as z:
             produced = [z[k] for k in z.files]
-        _, reference = read_io(ctx.dep_output(ctx.plan.nodes[transform_id].deps[0], ".io.npz"))
         io_file = ctx.dep_output(ctx.plan.nodes[transform_id].deps[0], ".io.npz")
+        _, reference = read_io(io_file)
         figures["bmodel_vs_onnx"] = worst(accept(GRAPHS[p["graph"]], reference, produced, p["precision"]))
         if "loop" in p:
             figures["cmodel_loop_vs_onnx_loop"] = _cmodel_loop(ctx, p["loop"], work / name, io_file, work)

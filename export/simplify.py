@@ -9,7 +9,8 @@ from buildplan.plan import Node
 from export.specs import GRAPHS
 from export.stage import check_onnx_io, fix_output_dims, onnx_path, signature
 
-CODE = ("export/simplify.py", "export/samples.py", "export/gates.py", "export/specs.py")
+CODE = ("export/simplify.py", "export/samples.py", "export/gates.py", "export/specs.py", "export/stage.py",
+        "export/decoding.py", "export/presets.py")
 SAMPLE_SEED = 7
 # onnxsim stops after a bounded number of folding rounds; the unrolled decoders need more (Shape
 # ops survived from the 6th decoding step on). So simplify again until nothing dynamic is left.

@@ -12,7 +12,7 @@ from buildplan.plan import Node
 from export.specs import GRAPHS
 
 CODE = ("export/stage.py", "export/graphs.py", "export/loading.py", "export/specs.py", "export/presets.py",
-        "export/samples.py", "export/gates.py")
+        "export/samples.py", "export/gates.py", "export/decoding.py")
 TRACE_BATCH = 2
 GATE_BATCHES = (1, 3)
 
