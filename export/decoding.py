@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
 from export.presets import PAD_ID, SEP_ID
 
 
-def greedy_loop(step: Callable[[dict], np.ndarray], feeds: dict, ids_name: str, prompt_ids, length: int) -> np.ndarray:
+def greedy_loop(step: Callable[[dict], "np.ndarray"], feeds: dict, ids_name: str, prompt_ids, length: int) -> np.ndarray:
     """Token ids [B, length]: the prompt, then one step call per new token; PAD after EOS.
 
     `step(feeds)` returns next_ids [B, length], where next_ids[:, t] follows ids[:, :t+1]."""
+    import numpy as np  # here, not at the top: the plan imports loop_settings, and numpy costs ~40 ms
+
     batch = next(v for k, v in feeds.items() if k != ids_name).shape[0]
     ids = np.full((batch, length), PAD_ID, dtype=np.int64)
     ids[:, : len(prompt_ids)] = prompt_ids
