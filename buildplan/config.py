@@ -186,26 +186,34 @@ def _safe_yaml(text: bytes, shown: str):
         seen: dict = {}
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys: the constructor below refuses them
             line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if key in seen:
                 raise ConfigError(shown, f"line {line}", f"duplicate key {key!r} (first on line {seen[key]})",
                                   "keep one: a second key silently replaces the first")
-            if isinstance(key, (str, int, float, bool)):
-                seen[key] = line
+            seen[key] = line
         return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping_without_duplicates)
-    try:
-        root = yaml.compose(text, Loader=Loader)
+    loader = Loader(text)
+    try:  # what yaml.load does, with the expansion checked between composing and constructing
+        root = loader.get_single_node()
         _check_expansion(root, shown)
-        return yaml.load(text, Loader=Loader)
+        return None if root is None else loader.construct_document(root)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(shown, where, f"not valid YAML: {getattr(e, 'problem', e)}", "fix the YAML syntax") from None
     except RecursionError:
-        raise ConfigError(shown, "", f"the document is nested more than {MAX_YAML_DEPTH} levels deep",
-                          "a models.yaml needs about six levels") from None
+        raise _too_deep(shown) from None
+    finally:
+        loader.dispose()
+
+
+def _too_deep(shown: str) -> ConfigError:
+    return ConfigError(shown, "", f"the document is nested more than {MAX_YAML_DEPTH} levels deep",
+                       "a models.yaml needs about six levels")
 
 
 def _check_expansion(root, shown: str) -> None:
@@ -217,8 +225,7 @@ def _check_expansion(root, shown: str) -> None:
 
     def size(node, depth: int) -> int:
         if depth > MAX_YAML_DEPTH:
-            raise ConfigError(shown, "", f"the document is nested more than {MAX_YAML_DEPTH} levels deep",
-                              "a models.yaml needs about six levels")
+            raise _too_deep(shown)
         if id(node) not in sizes:
             children = node.value if isinstance(node, yaml.SequenceNode) else \
                 [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
