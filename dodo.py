@@ -20,6 +20,7 @@ _dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, False
 from buildplan import lock as _lock  # noqa: E402
 from buildplan import snapshot as _snapshot  # noqa: E402
 from buildplan.files import default_config_path  # noqa: E402
+from buildplan import session as _session  # noqa: E402
 from buildplan import tasks as _tasks  # noqa: E402  (not `from ... import task_specs`: doit runs task_* names)
 
 CONFIG_PATH = str(Path(get_var("config", str(default_config_path()))).resolve())
@@ -36,7 +37,7 @@ else:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     _SPECS, _ROOT, _FRESH = _tasks.task_specs(PLAN), PLAN.root, frozenset()
-    _tasks.store_for(CONFIG_PATH, PLAN)
+    _session.store_for(CONFIG_PATH, PLAN)
     _snapshot.take_at_exit(CONFIG_PATH, PLAN)
 sys.dont_write_bytecode = _dont_write_bytecode
 
@@ -44,13 +45,13 @@ _lock.hold_if_building(_ROOT, sys.argv[1:])
 if not _SNAPSHOT and _lock.holding():
     # the declaration may have changed (a batch size taken out): the manifest lists declared artifacts only
     try:
-        _tasks.store_for(CONFIG_PATH).write_manifest()
+        _session.store_for(CONFIG_PATH).write_manifest()
     except OSError as e:  # e.g. a full disk: the tasks will say so; the manifest is derived anyway
         print(f"warning: manifest not refreshed: {e}", file=sys.stderr)
 
 DOIT_CONFIG = {
     "default_tasks": ["default"],
-    "dep_file": str(Path(_ROOT) / ".doit.db"),
+    "dep_file": str(Path(_ROOT) / ".doit.db"),  # beside the artifacts it describes, wherever models.yaml puts them
     "backend": "safejson",  # buildplan/doitdb.py: atomic, a damaged file never stops a build
     "verbosity": 1,
 }
@@ -62,5 +63,5 @@ def task_blip():
 
 def __getattr__(name):  # `doit stale` and `doit nightly` need the plan, also on the fast path
     if name == "PLAN":
-        return _tasks.store_for(CONFIG_PATH).plan
+        return _session.store_for(CONFIG_PATH).plan
     raise AttributeError(name)

@@ -124,11 +124,12 @@ class Nightly(Run):
                  par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
                  failure_verbosity=0, pdb=False, report_dir=""):
         from buildplan import nightly
+        from buildplan.files import utc_now
         from buildplan.tasks import available_targets
 
         plan = _plan()
         ok, skipped = available_targets(plan)
-        started = nightly.now()
+        started = utc_now()
         # bit rot first: a damaged output passes every cheap check (size, mtime) and would stay "fresh"
         damaged = verify_outputs(plan, fix=True)
         for node_id, problems in damaged.items():

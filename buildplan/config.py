@@ -12,10 +12,11 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+from buildplan.backends import by_target, registry
+from buildplan.core import ConfigError, Setting
 from buildplan.files import atomic_write, cache_dir, default_config_path, keep_newest, read_json
-from compile.chips import ASCEND_SOCS, ATC_PRECISION_MODES, SOPHGO_DEVICE_MEMORY_MB, SOPHGO_PRECISIONS, backend_of
 from export.presets import ARCHS, TASKS
-from export.specs import GRAPHS, graphs_for_task
+from export.specs import graphs_for_task
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # What a models.yaml may be: a few KB, a few hundred nodes. Far above any real one, far below
@@ -23,23 +24,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 MAX_YAML_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 64
-# ATC flags the stage sets itself; users may not override them through extra_flags.
-ATC_MANAGED_FLAGS = ("--framework", "--model", "--output", "--input_format", "--input_shape",
-                     "--soc_version", "--log", "--dynamic_batch_size", "--precision_mode",
-                     "--op_precision_mode")
-
-
-class ConfigError(Exception):
-    def __init__(self, file: str, field: str, problem: str, fix: str = ""):
-        self.file, self.field, self.problem, self.fix = file, field, problem, fix
-        super().__init__(self.render())
-
-    def render(self) -> str:
-        where = f"{self.file}: {self.field}" if self.field else self.file
-        msg = f"{where}: {self.problem}"
-        return msg + (f"\n  fix: {self.fix}" if self.fix else "")
-
-
 # NamedTuples rather than dataclasses keep the no-op `doit` fast (see export/specs.py).
 class Checkpoint(NamedTuple):
     kind: str  # "synthetic" | "pth" | "hf_dir"
@@ -50,15 +34,10 @@ class Checkpoint(NamedTuple):
 
 class Target(NamedTuple):
     name: str
-    backend: str  # "tpu_mlir" | "atc"
+    backend: str  # the name of the backend that builds for it
     graphs: tuple[str, ...]
     batch_sizes: tuple[int, ...]
-    precisions: tuple[str, ...] = ()  # tpu_mlir
-    simulate: bool = True  # tpu_mlir: validate on the cmodel
-    device_memory_mb: int = 0  # tpu_mlir: what one bmodel may need on the device
-    precision_mode: str | None = None  # atc
-    dynamic_batch: bool = False  # atc
-    extra_flags: dict = {}  # atc: graph -> [flags]; never mutated
+    settings: dict = {}  # the backend's SETTINGS, validated, defaults filled in; never mutated
 
 
 class Model(NamedTuple):
@@ -76,19 +55,7 @@ class Config(NamedTuple):
     path: str  # the yaml file, absolute
     artifacts: str  # absolute artifacts root
     models: tuple[Model, ...]
-    tpu_mlir_root: str | None  # user-provided TPU-MLIR (overrides the bootstrap environment)
-
-    def model(self, name: str) -> Model:
-        return next(m for m in self.models if m.name == name)
-
-    @property
-    def target_names(self) -> list[str]:
-        seen: list[str] = []
-        for m in self.models:
-            for t in m.targets:
-                if t.name not in seen:
-                    seen.append(t.name)
-        return seen
+    toolchains: dict = {}  # backend name -> its `toolchains:` settings (e.g. a TPU-MLIR root); never mutated
 
 
 class _Checker:
@@ -264,14 +231,10 @@ def validate(raw, file: str, base_dir: Path) -> Config:
     c = _Checker(file)
     top = c.mapping(raw, "", ("models", "artifacts", "toolchains"), ("models",))
     artifacts = _usable_path(c, top.get("artifacts", "artifacts"), "artifacts", base_dir, "a directory path", folder=True)
-    tpu_root = None
-    if "toolchains" in top:
-        tc = c.mapping(top["toolchains"], "toolchains", ("tpu_mlir",))
-        if "tpu_mlir" in tc:
-            t = c.mapping(tc["tpu_mlir"], "toolchains.tpu_mlir", ("root",))
-            if t.get("root") is not None:
-                tpu_root = str(_usable_path(c, t["root"], "toolchains.tpu_mlir.root", base_dir, "a directory path",
-                                            folder=True))
+    toolchains = {}
+    configurable = {name: b.TOOLCHAIN_SETTINGS for name, b in registry().items() if getattr(b, "TOOLCHAIN_SETTINGS", ())}
+    for name, raw in c.mapping(top.get("toolchains", {}), "toolchains", tuple(configurable)).items():
+        toolchains[name] = _settings(c, configurable[name], raw, f"toolchains.{name}", None, (), base_dir)
     models_raw = top["models"]
     if not isinstance(models_raw, list) or not models_raw:
         c.fail("models", f"expected a non-empty list of models, got {_kind(models_raw)}")
@@ -284,7 +247,7 @@ def validate(raw, file: str, base_dir: Path) -> Config:
         names[model.name] = i
         models.append(model)
     return Config(str(base_dir / Path(file).name) if not os.path.isabs(file) else file,
-                  str(artifacts), tuple(models), tpu_root)
+                  str(artifacts), tuple(models), toolchains)
 
 
 def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
@@ -310,8 +273,8 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
     graphs = c.str_list(m.get("graphs", task_graphs), f"{path}.graphs", task_graphs, f"{task} graph")
     targets_raw = m["targets"]
     if not isinstance(targets_raw, dict) or not targets_raw:
-        c.fail(f"{path}.targets", f"expected a mapping of chip -> settings, got {_kind(targets_raw)}",
-               f"e.g. `bm1684x: {{precisions: [F32]}}`; chips: {', '.join(list(SOPHGO_PRECISIONS) + list(ASCEND_SOCS))}")
+        c.fail(f"{path}.targets", f"expected a mapping of target -> settings, got {_kind(targets_raw)}",
+               f"e.g. `{next(iter(by_target()))}: {{batch_sizes: [1]}}`; targets: {', '.join(by_target())}")
     targets = []
     for chip, spec in targets_raw.items():
         # One settings block per chip, or a list of them when graphs need different settings
@@ -322,7 +285,7 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
             else [(f"{path}.targets.{chip}", spec)]
         declared: dict[tuple, str] = {}
         for where, block in blocks:
-            target = _target(c, chip, block, where, graphs)
+            target = _target(c, chip, block, where, graphs, base_dir)
             for artifact in _artifacts_of(target):
                 if artifact in declared:
                     c.fail(where, f"{' '.join(map(str, artifact))} is already declared in {declared[artifact]}",
@@ -370,23 +333,23 @@ def _checkpoint(c: _Checker, raw, path: str, base_dir: Path) -> tuple[Checkpoint
 
 
 def _artifacts_of(t: Target) -> list[tuple]:
-    """What a target block builds, as (graph, batch[, precision]); OM names carry no precision mode."""
-    return [(g, f"bs{bs}", *((p,) if t.backend == "tpu_mlir" else ())) for g in t.graphs for bs in t.batch_sizes
-            for p in (t.precisions or ("",))]
+    """What a target block builds, as (graph, batch, value of each axis setting, e.g. a precision)."""
+    axes = [t.settings[s.key] for s in by_target()[t.name].SETTINGS if s.axis]
+    found = [(g, f"bs{bs}") for g in t.graphs for bs in t.batch_sizes]
+    for values in axes:
+        found = [(*a, v) for a in found for v in values]
+    return found
 
 
-def _target(c: _Checker, chip: str, raw, path: str, model_graphs: tuple[str, ...]) -> Target:
-    backend = backend_of(chip)
+def _target(c: _Checker, name: str, raw, path: str, model_graphs: tuple[str, ...], base_dir: Path) -> Target:
+    backend = by_target().get(name)
     if backend is None:
-        c.fail(path, f"unknown chip {chip!r}",
-               f"allowed: {', '.join(SOPHGO_PRECISIONS)} (TPU-MLIR), {', '.join(ASCEND_SOCS)} (ATC)")
+        c.fail(path, f"unknown chip {name!r}",
+               "allowed: " + "; ".join(f"{', '.join(b.TARGETS)} ({b.LABEL})" for b in registry().values()))
     raw = {} if raw is None else raw
-    common = ("graphs", "batch_sizes")
-    allowed = common + (("precisions", "simulate", "device_memory_mb") if backend == "tpu_mlir"
-                        else ("precision_mode", "dynamic_batch", "extra_flags"))
-    t = c.mapping(raw, path, allowed)
-    graphs = c.str_list(t.get("graphs", list(model_graphs)), f"{path}.graphs", model_graphs, "graph of this model")
-    bs_raw = t.get("batch_sizes", [1])
+    c.mapping(raw, path, ("graphs", "batch_sizes") + tuple(s.key for s in backend.SETTINGS))
+    graphs = c.str_list(raw.get("graphs", list(model_graphs)), f"{path}.graphs", model_graphs, "graph of this model")
+    bs_raw = raw.get("batch_sizes", [1])
     if not isinstance(bs_raw, list) or not bs_raw:
         c.fail(f"{path}.batch_sizes", f"expected a non-empty list of integers, got {_kind(bs_raw)}")
     batch_sizes = []
@@ -397,39 +360,58 @@ def _target(c: _Checker, chip: str, raw, path: str, model_graphs: tuple[str, ...
         if bs in batch_sizes:
             c.fail(f"{path}.batch_sizes[{i}]", f"duplicate batch size {bs}", "list each once")
         batch_sizes.append(bs)
-    if backend == "tpu_mlir":
-        supported = SOPHGO_PRECISIONS[chip]
-        precisions = t.get("precisions", ["F32"])
-        if not isinstance(precisions, list) or not precisions:
-            c.fail(f"{path}.precisions", f"expected a non-empty list, got {_kind(precisions)}", f"allowed: {', '.join(supported)}")
-        for i, p in enumerate(precisions):
-            if p not in supported:
-                c.fail(f"{path}.precisions[{i}]", f"precision {p!r} is not supported by {chip}",
-                       f"allowed on {chip}: {', '.join(supported)}")
-        if len(set(precisions)) != len(precisions):
-            c.fail(f"{path}.precisions", "duplicate precision", "list each once")
-        simulate = c.typed(t.get("simulate", True), f"{path}.simulate", bool, "true or false")
-        memory = c.typed(t.get("device_memory_mb", SOPHGO_DEVICE_MEMORY_MB[chip]), f"{path}.device_memory_mb", int,
-                         "an integer (MiB)")
-        if not 1 <= memory <= 1 << 20:
-            c.fail(f"{path}.device_memory_mb", f"{memory} MiB is out of range",
-                   f"give the device memory a bmodel may use, in MiB (default for {chip}: {SOPHGO_DEVICE_MEMORY_MB[chip]})")
-        return Target(chip, backend, graphs, tuple(batch_sizes), tuple(precisions), simulate=simulate,
-                      device_memory_mb=memory)
-    mode = t.get("precision_mode")
-    if mode is not None:
-        c.choice(mode, f"{path}.precision_mode", ATC_PRECISION_MODES, "precision_mode")
-    dynamic = c.typed(t.get("dynamic_batch", False), f"{path}.dynamic_batch", bool, "true or false")
-    extra = c.mapping(t.get("extra_flags", {}), f"{path}.extra_flags", graphs)
-    for g, flags in extra.items():
-        fpath = f"{path}.extra_flags.{g}"
-        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-            c.fail(fpath, f"expected a list of strings, got {_kind(flags)}", 'e.g. ["--op_select_implmode=high_performance"]')
-        for i, f in enumerate(flags):
-            if not re.match(r"^--[a-z_0-9]+=\S.*$", f):
-                c.fail(f"{fpath}[{i}]", f"{f!r} is not of the form --flag=value", "write each ATC flag as one --flag=value string")
-            if f.split("=", 1)[0] in ATC_MANAGED_FLAGS:
-                c.fail(f"{fpath}[{i}]", f"{f.split('=', 1)[0]} is set by the build itself",
-                       "use the target's own fields (precision_mode, dynamic_batch, batch_sizes) instead")
-    return Target(chip, backend, graphs, tuple(batch_sizes), precision_mode=mode, dynamic_batch=dynamic,
-                  extra_flags={g: tuple(v) for g, v in extra.items()})
+    settings = _settings(c, backend.SETTINGS, raw, path, name, graphs, base_dir)
+    return Target(name, backend.NAME, graphs, tuple(batch_sizes), settings)
+
+
+def _settings(c: _Checker, declared: tuple[Setting, ...], raw, path: str, target: str | None,
+              graphs: tuple[str, ...], base_dir: Path) -> dict:
+    """A backend's declared settings from a block of models.yaml: each checked by its kind, with
+    its default where absent (`raw` was already checked for unknown keys, or is checked here)."""
+    raw = c.mapping({} if raw is None else raw, path, tuple(s.key for s in declared) + (
+        ("graphs", "batch_sizes") if target else ()))
+    on = f" on {target}" if target else ""
+    values = {}
+    for s in declared:
+        field = f"{path}.{s.key}"
+        if s.key not in raw or raw[s.key] is None:
+            default = s.default_for(target)
+            values[s.key] = tuple(default) if isinstance(default, list) else default
+            continue
+        value, allowed = raw[s.key], s.allowed_for(target)
+        if s.kind == "bool":
+            values[s.key] = c.typed(value, field, bool, "true or false")
+        elif s.kind == "int":
+            c.typed(value, field, int, f"an integer{f' ({s.unit})' if s.unit else ''}")
+            if not (s.minimum is None or value >= s.minimum) or not (s.maximum is None or value <= s.maximum):
+                default = s.default_for(target)
+                c.fail(field, f"{value}{f' {s.unit}' if s.unit else ''} is out of range",
+                       f"{s.help}; {s.minimum}..{s.maximum}" + (f" (default{on}: {default})" if default is not None else ""))
+            values[s.key] = value
+        elif s.kind == "str":
+            c.typed(value, field, str, "a string")
+            values[s.key] = c.choice(value, field, allowed, s.key) if allowed else value
+        elif s.kind == "path":
+            values[s.key] = str(_usable_path(c, value, field, base_dir, "a directory path", folder=True))
+        elif s.kind == "choices":
+            if not isinstance(value, list) or not value:
+                c.fail(field, f"expected a non-empty list, got {_kind(value)}", f"allowed{on}: {', '.join(allowed)}")
+            for i, item in enumerate(value):
+                if item not in allowed:
+                    c.fail(f"{field}[{i}]", f"{item!r} is not supported{on}", f"allowed{on}: {', '.join(allowed)}")
+            if len(set(value)) != len(value):
+                c.fail(field, f"a value is listed twice in {value}", "list each once")
+            values[s.key] = tuple(value)
+        elif s.kind == "flags":
+            flags_by_graph = c.mapping(value, field, graphs)
+            for g, flags in flags_by_graph.items():
+                if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+                    c.fail(f"{field}.{g}", f"expected a list of strings, got {_kind(flags)}", 'e.g. ["--flag=value"]')
+                for i, flag in enumerate(flags):
+                    refused = s.check(flag) if s.check else None
+                    if refused:
+                        c.fail(f"{field}.{g}[{i}]", *refused)
+            values[s.key] = {g: tuple(v) for g, v in flags_by_graph.items()}
+        else:
+            raise ValueError(f"setting {s.key}: unknown kind {s.kind!r}")
+    return values

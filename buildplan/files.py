@@ -3,6 +3,7 @@ snapshot (this module imports none of them)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -10,6 +11,32 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CODE_DIRS = ("buildplan", "export", "compile")  # every module that can change a plan or an artifact
+
+
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    """sha256 of a file, read in chunks (GB-sized artifacts), or of its first `limit` bytes."""
+    h = hashlib.sha256()
+    left = limit if limit is not None else -1
+    with open(path, "rb") as f:
+        while left:
+            chunk = f.read(1 << 22 if left < 0 else min(left, 1 << 22))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk) if left > 0 else 0
+    return h.hexdigest()
+
+
+def utc_now() -> str:
+    """A timestamp for records and reports: UTC, ISO 8601, seconds."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def safe_name(node_id: str) -> str:
+    """A node id as a file name (records, logs, scratch folders)."""
+    return node_id.replace(":", "__").replace("/", "_")
 
 
 def default_config_path() -> Path:

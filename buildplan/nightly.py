@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import html
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 
+from buildplan.files import atomic_write, utc_now
 from buildplan.plan import Plan
-from buildplan.files import atomic_write
 from buildplan.state import Store
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _status(store: Store, node, started: str, skipped: dict[str, str]) -> dict:
@@ -36,11 +31,11 @@ def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: 
     rows = []
     for node in plan.nodes.values():
         rows.append({"node": node.id, "stage": node.stage, "model": node.model, "labels": node.labels,
-                     "output": node.outputs[0], **_status(store, node, started, skipped)})
+                     "output": node.main_output, **_status(store, node, started, skipped)})
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    doc = {"started": started, "finished": now(), "config": plan.config.path, "summary": counts,
+    doc = {"started": started, "finished": utc_now(), "config": plan.config.path, "summary": counts,
            "skipped_targets": skipped, "verify_damaged": damaged or {}, "artifacts": rows}
     out_dir = Path(report_dir or Path(plan.root) / "reports")
     stem = out_dir / f"nightly-{started[:19].replace(':', '')}"

@@ -35,7 +35,7 @@ def as_json(plan: Plan, stale: dict[str, list[dict]]) -> dict:
     for node_id, reasons in stale.items():
         n = plan.nodes[node_id]
         items.append({"node": node_id, "stage": n.stage, "model": n.model, "labels": n.labels,
-                      "outputs": list(n.outputs), "group": group_key(plan, node_id),
+                      "outputs": list(n.paths), "group": group_key(plan, node_id),
                       "reasons": [r["text"] for r in reasons], "reason_kinds": sorted({r["kind"] for r in reasons})})
     return {"declared": len(plan.nodes), "stale": len(items), "artifacts": items}
 
@@ -50,6 +50,6 @@ def as_text(plan: Plan, stale: dict[str, list[dict]]) -> str:
     for group in sorted(by_group):
         lines.append(group)
         for node_id in by_group[group]:
-            lines.append(f"  {node_id}  ->  {plan.nodes[node_id].outputs[0]}")
+            lines.append(f"  {node_id}  ->  {plan.nodes[node_id].main_output}")
             lines += [f"      - {r['text']}" for r in stale[node_id]]
     return "\n".join(lines)

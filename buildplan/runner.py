@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
+import hashlib
 import importlib
 import os
 import shutil
@@ -16,31 +16,21 @@ import subprocess
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 
-from buildplan import config as config_mod
-from buildplan import toolchains
-from buildplan.plan import Node, Plan, build_plan
-from buildplan.files import SymlinkRefused, refuse_symlinks
-from buildplan.state import Store, sha256_file
-
+from buildplan import backends
+from buildplan.core import BuildError, Node, StageError
+from buildplan.files import SymlinkRefused, refuse_symlinks, safe_name, sha256_file, utc_now
+from buildplan.plan import Plan
+from buildplan.session import store_for
+from buildplan.state import Store
 
 _MEASURE_RSS = Path(__file__).with_name("measure_rss.py")
 
 
-class StageError(RuntimeError):
-    """A failure the stage explains itself (gate failed, toolchain command failed)."""
-
-
-@functools.cache
-def load_plan(config_path: str) -> Plan:
-    return build_plan(config_mod.load(config_path))
-
-
 def staging_dir(root: Path, node_id: str) -> Path:
     """This process's scratch folder for a task (the pid tells a later build whether it is dead)."""
-    return root / ".staging" / f"{node_id.replace(':', '__')}.{os.getpid()}"
+    return root / ".staging" / f"{safe_name(node_id)}.{os.getpid()}"
 
 
 class Context:
@@ -54,9 +44,9 @@ class Context:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
-    def tmp(self, rel: str) -> Path:
-        """Where the stage writes output `rel`; the runner renames it into place on success."""
-        p = self.staging / "out" / rel
+    def tmp(self, role: str) -> Path:
+        """Where the stage writes its output `role`; the runner renames it into place on success."""
+        p = self.staging / "out" / self.node.outputs[role]
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -65,13 +55,16 @@ class Context:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
-    def dep_output(self, dep_id: str, suffix: str = "") -> Path:
-        outs = self.plan.nodes[dep_id].outputs
-        match = [o for o in outs if o.endswith(suffix)]
-        return self.root / match[0]
+    def input(self, role: str) -> Path:
+        """The output `role` of the one dependency that has it."""
+        found = [self.plan.nodes[d].outputs[role] for d in self.node.deps if role in self.plan.nodes[d].outputs]
+        if len(found) != 1:
+            raise StageError(f"{self.node.id}: {len(found)} dependencies have an output {role!r}, "
+                             f"the stage needs exactly one (deps: {', '.join(self.node.deps)})")
+        return self.root / found[0]
 
     def toolchain(self):
-        return toolchains.get(self.node.toolchain, self.plan.config)
+        return backends.toolchain(self.node.toolchain, self.plan.config)
 
     def log(self, text: str):
         with open(self.log_path, "a") as f:
@@ -157,39 +150,39 @@ def run_task(config_path: str, node_id: str):
         full = _out_of_space(e)
         if full is None:
             raise
-        plan = load_plan(config_path)
-        shutil.rmtree(staging_dir(Path(plan.root), node_id), ignore_errors=True)
-        return TaskFailed(_out_of_space_message(node_id, full, Path(plan.root)))
+        root = Path(store_for(config_path).plan.root)
+        shutil.rmtree(staging_dir(root, node_id), ignore_errors=True)
+        return TaskFailed(_out_of_space_message(node_id, full, root))
 
 
 def _run_task(config_path: str, node_id: str):
     from doit.exceptions import TaskFailed
 
-    plan = load_plan(config_path)
-    store = Store(plan)
+    store = store_for(config_path)
+    plan = store.plan
     node = plan.nodes[node_id]
     ctx = Context(plan, store, node)
     try:  # everything this task writes, before it writes anything
         for path in (ctx.log_path, ctx.staging, store.record_path(node_id), store.failure_path(node_id),
-                     ctx.root / "manifest.json", *(ctx.path(rel) for rel in node.outputs)):
+                     ctx.root / "manifest.json", *(ctx.path(rel) for rel in node.paths)):
             refuse_symlinks(ctx.root, path)
     except SymlinkRefused as e:
         return TaskFailed(f"{node_id}: {e}")
     store.drop(node_id)
     store.clear_failure(node_id)
     store.log_dir.mkdir(parents=True, exist_ok=True)
-    ctx.log_path.write_text(f"# {node_id}  started {_now()} on {socket.gethostname()}\n")
+    ctx.log_path.write_text(f"# {node_id}  started {utc_now()} on {socket.gethostname()}\n")
     started = time.time()
     peak_is_own = _reset_peak_rss()
     try:
         module, func = node.action.split(":")
         result = getattr(importlib.import_module(module), func)(node, ctx) or {}
         outputs = {}
-        for rel in node.outputs:
+        for rel in node.paths:
             staged = ctx.staging / "out" / rel
             if not staged.exists():
                 raise StageError(f"the stage did not produce {rel}")
-        for rel in node.outputs:
+        for rel in node.paths:
             final = ctx.path(rel)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(ctx.staging / "out" / rel, final)
@@ -204,25 +197,24 @@ def _run_task(config_path: str, node_id: str):
         if full is not None:
             shutil.rmtree(ctx.staging, ignore_errors=True)  # the partial work is what filled the disk
             with contextlib.suppress(OSError):
-                store.mark_failure(node_id, "out of disk space", str(ctx.log_path.relative_to(ctx.root)), _now())
+                store.mark_failure(node_id, "out of disk space", str(ctx.log_path.relative_to(ctx.root)), utc_now())
             return TaskFailed(_out_of_space_message(node_id, full, ctx.root))
         kept = ctx.staging if ctx.staging.exists() else None
-        detail = str(e) if isinstance(e, StageError) or type(e).__name__ in ("GateError", "CheckpointError") \
-            else f"{type(e).__name__}: {e}"
+        detail = str(e) if isinstance(e, BuildError) else f"{type(e).__name__}: {e}"
         msg = f"{node_id}: {detail}\n  log: {ctx.log_path}"
         if kept:
             msg += f"\n  scratch files kept for inspection: {kept}"
-        store.mark_failure(node_id, detail, str(ctx.log_path.relative_to(ctx.root)), _now())
+        store.mark_failure(node_id, detail, str(ctx.log_path.relative_to(ctx.root)), utc_now())
         return TaskFailed(msg)
     shutil.rmtree(ctx.staging, ignore_errors=True)
     parts = store.parts(node)
-    digest = hashlib_digest(outputs)
+    digest = outputs_digest(outputs)
     tc = ctx.toolchain() if node.toolchain else None
     record = {
         "node": node.id, "stage": node.stage, "model": node.model, "labels": node.labels,
-        "fingerprint": store.fingerprint(parts), "parts": parts, "outputs": outputs, "digest": digest,
+        "fingerprint": store.fingerprint(parts), "parts": parts, "outputs": outputs, "roles": dict(node.outputs), "digest": digest,
         "toolchain": {"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
-        "duration_s": round(time.time() - started, 3), "finished_at": _now(), "host": socket.gethostname(),
+        "duration_s": round(time.time() - started, 3), "finished_at": utc_now(), "host": socket.gethostname(),
         **({"tool_peak_rss_mb": round(ctx.tool_peak_rss / 2**20, 1)} if ctx.tool_peak_rss else {}),
         # the doit process itself while this task ran (the stage's own work: export, gates, onnxsim)
         **({"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1)} if peak_is_own else {}),
@@ -234,21 +226,15 @@ def _run_task(config_path: str, node_id: str):
     return None
 
 
-def hashlib_digest(outputs: dict) -> str:
-    import hashlib
-
+def outputs_digest(outputs: dict) -> str:
+    """What downstream fingerprints take from this artifact: the content of all its outputs."""
     return hashlib.sha256("".join(f"{k}={v['sha256']};" for k, v in sorted(outputs.items())).encode()).hexdigest()
 
 
 def clean_task(config_path: str, node_id: str):
-    plan = load_plan(config_path)
-    store = Store(plan)
+    store = store_for(config_path)
     store.drop(node_id)
-    for rel in plan.nodes[node_id].outputs:
+    for rel in store.plan.nodes[node_id].paths:
         with contextlib.suppress(FileNotFoundError):
             (Path(plan.root) / rel).unlink()
     store.write_manifest()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

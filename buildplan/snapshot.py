@@ -17,26 +17,35 @@ import json
 import os
 import sys
 
-from buildplan.files import CODE_DIRS, REPO, atomic_write, cache_dir, keep_newest, read_json, stat_keys
+from buildplan import files
+from buildplan.files import CODE_DIRS, atomic_write, cache_dir, keep_newest, read_json, stat_keys
 
-ENV = ("PATH", "HOME", "ASCEND_TOOLKIT_HOME", "BLIPC_CACHE", "BLIPC_TPU_MLIR")
-FORMAT = 1
+# The environment the core reads; backends add the variables they read (ENVIRONMENT), and the
+# snapshot records their names, so a replay need not import the backends to compare them.
+ENV = ("PATH", "HOME", "BLIPC_CACHE")
+FORMAT = 2
 
 
 def _file(config_path: str):
     return cache_dir() / "noop" / f"{hashlib.sha256(config_path.encode()).hexdigest()[:16]}.json"
 
 
-def _context() -> dict:
+def _context(env_keys) -> dict:
     return {"format": FORMAT, "python": sys.version, "prefix": sys.prefix,
-            "env": {k: os.environ.get(k) for k in ENV}}
+            "env": {k: os.environ.get(k) for k in env_keys}}
+
+
+def _env_keys() -> list[str]:
+    from buildplan.backends import registry
+
+    return sorted({*ENV, *(k for b in registry().values() for k in getattr(b, "ENVIRONMENT", ()))})
 
 
 def load(config_path: str) -> dict | None:
     """The snapshot for this config if everything it was made from is unchanged, else None."""
     try:
         snap = read_json(_file(config_path))
-        if snap and snap["context"] == _context() and stat_keys(snap["watched"]) == snap["stats"]:
+        if snap and snap["context"] == _context(snap["context"]["env"]) and stat_keys(snap["watched"]) == snap["stats"]:
             return snap
     except (OSError, ValueError, KeyError, TypeError):
         pass  # none yet, torn or from another format: the full path
@@ -44,20 +53,21 @@ def load(config_path: str) -> dict | None:
 
 
 def _watched(plan) -> list[str]:
-    from buildplan import toolchains
+    from buildplan import backends, toolchains
     from buildplan.state import Store
 
-    paths = [plan.config.path, str(REPO / "dodo.py")]
+    repo = files.REPO
+    paths = [plan.config.path, str(repo / "dodo.py")]
     for d in CODE_DIRS:  # the folders too: a module added or removed
-        paths += [str(REPO / d), *sorted(str(REPO / d / f) for f in os.listdir(REPO / d) if f.endswith(".py"))]
+        paths += [str(repo / d), *sorted(str(repo / d / f) for f in os.listdir(repo / d) if f.endswith(".py"))]
     for m in plan.config.models:  # what validation looked at
         if m.checkpoint.path:  # validation looked for config.json only in a folder
             paths += [m.checkpoint.path] + ([os.path.join(m.checkpoint.path, "config.json")]
                                             if m.checkpoint.kind == "hf_dir" else [])
         if m.calibration.get("data"):
             paths.append(m.calibration["data"])
-    for name in ("python", *sorted(set(plan.target_backend.values()))):
-        toolchains.get(name, plan.config)  # fills WATCHED[name]
+    for name in (toolchains.PYTHON, *sorted(set(plan.target_backend.values()))):
+        backends.toolchain(name, plan.config)  # fills WATCHED[name]
         paths += toolchains.WATCHED[name]
     store = Store(plan)
     for node in plan.nodes.values():
@@ -70,13 +80,14 @@ def take(config_path: str, plan):
     edit made during the run): stats first, then a new plan, toolchain detection and freshness
     pass, then the stats again. A change in between aborts, so a snapshot can be missing or
     useless, never wrong."""
-    from buildplan import config, state, toolchains
+    from buildplan import backends, codedeps, config, state
     from buildplan.plan import build_plan
     from buildplan.tasks import task_specs
 
     watched = _watched(plan)
     before = stat_keys(watched)
-    toolchains.reset()
+    backends.reset_toolchains()
+    codedeps.reset()
     state.code_hash.cache_clear()
     try:
         plan = build_plan(config.load(config_path))
@@ -90,7 +101,7 @@ def take(config_path: str, plan):
     specs = task_specs(plan)
     if stat_keys(watched) != before:
         return
-    snap = {"context": _context(), "watched": watched, "stats": before, "root": plan.root,
+    snap = {"context": _context(_env_keys()), "watched": watched, "stats": before, "root": plan.root,
             "tasks": specs, "fresh": fresh}
     try:
         atomic_write(_file(config_path), json.dumps(snap), durable=False)

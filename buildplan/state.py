@@ -15,31 +15,18 @@ import json
 import os
 from pathlib import Path
 
-from buildplan import toolchains
-from buildplan.files import atomic_write, read_json, stat_key, tree_paths
-from buildplan.plan import Node, Plan
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from buildplan import backends, files
+from buildplan.core import Node
+from buildplan.files import atomic_write, read_json, safe_name, sha256_file, stat_key, tree_paths
+from buildplan.plan import Plan
 
 
 @functools.cache
 def code_hash(rel: str) -> str:
-    return hashlib.sha256((REPO / rel).read_bytes()).hexdigest()[:16]
+    return sha256_file(files.REPO / rel)[:16]
 
 
 _THIS_FILE = stat_key(__file__)
-
-
-def safe_name(node_id: str) -> str:
-    return node_id.replace(":", "__").replace("/", "_")
 
 
 def flatten(d, prefix="") -> dict:
@@ -143,7 +130,7 @@ class Store:
         return self._hashcache
 
     def parts(self, node: Node) -> dict:
-        tc = toolchains.get(node.toolchain, self.plan.config) if node.toolchain else None
+        tc = backends.toolchain(node.toolchain, self.plan.config) if node.toolchain else None
         inputs = {}
         for dep in node.deps:
             rec = self.read(dep)
@@ -177,7 +164,7 @@ class Store:
     def _check(self, node: Node) -> list[dict]:
         rec = self.read(node.id)
         reasons = []
-        for rel in node.outputs:
+        for rel in node.paths:
             p = f"{self.plan.root}/{rel}"
             try:
                 st = os.stat(p)
@@ -191,8 +178,8 @@ class Store:
                 elif (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]) and (
                         st.st_size != want["size"] or sha256_file(p) != want["sha256"]):
                     reasons.append({"kind": "output_modified", "text": f"output modified on disk: {rel}"})
-        if node.toolchain in ("tpu_mlir", "atc"):
-            tc = toolchains.get(node.toolchain, self.plan.config)
+        if node.toolchain:
+            tc = backends.toolchain(node.toolchain, self.plan.config)
             if not tc.available:
                 reasons.append({"kind": "toolchain_missing", "text": f"toolchain {node.toolchain} is not available"})
         if rec is None:
@@ -258,7 +245,7 @@ class Store:
         """The files a node's freshness is read from, its own record first (build code aside):
         upstream records, outputs, and each source, a folder with every file in it."""
         return [self._record_file(node.id), *map(self._record_file, node.deps),
-                *(f"{self.plan.root}/{rel}" for rel in node.outputs),
+                *(f"{self.plan.root}/{rel}" for rel in node.paths),
                 *(p for src in node.sources for p in tree_paths(src))]
 
     def _verdict_key(self, node: Node) -> str | None:
@@ -266,18 +253,18 @@ class Store:
         record = stat_key(paths[0])
         if record is None:
             return None  # never built: nothing to remember
-        files = [record, *map(stat_key, paths[1:])]
+        stats = [record, *map(stat_key, paths[1:])]
         for rel in node.code:
             if rel not in self._code_stats:
-                self._code_stats[rel] = stat_key(REPO / rel)
-            files.append(self._code_stats[rel])
+                self._code_stats[rel] = stat_key(files.REPO / rel)
+            stats.append(self._code_stats[rel])
         if node.toolchain not in self._toolchain_reprs:
-            self._toolchain_reprs[node.toolchain] = repr(toolchains.get(node.toolchain, self.plan.config)
+            self._toolchain_reprs[node.toolchain] = repr(backends.toolchain(node.toolchain, self.plan.config)
                                                          if node.toolchain else None)
         # This file goes in too: it defines what fresh means. repr, not canonical JSON: a
         # spurious mismatch only costs a full check.
         return hashlib.sha1(repr((self.plan.root, _THIS_FILE, node, self._toolchain_reprs[node.toolchain],
-                                  files)).encode()).hexdigest()
+                                  stats)).encode()).hexdigest()
 
     def _load_verdicts(self) -> dict:
         if self._verdicts is None:
@@ -330,7 +317,7 @@ class Store:
 def undeclared(store: "Store") -> dict[str, list[str]]:
     """Records (and their outputs) of artifacts the config no longer declares: node id -> output paths
     that no declared artifact also writes."""
-    declared_outputs = {rel for node in store.plan.nodes.values() for rel in node.outputs}
+    declared_outputs = {rel for node in store.plan.nodes.values() for rel in node.paths}
     found = {}
     for p in sorted(store.state_dir.glob("*.json")):
         rec = read_json(p)

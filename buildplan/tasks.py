@@ -7,13 +7,6 @@ from __future__ import annotations
 
 import sys
 
-STAGE_DOCS = {
-    "checkpoint": "synthetic checkpoint", "onnx": "raw split ONNX graphs (one load)", "simplify": "onnxsim per batch size",
-    "transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table", "bmodel": "SOPHGO bmodel",
-    "om": "Ascend OM",
-}
-
-
 # The runner (subprocess, socket, datetime...) is imported only when a task really runs:
 # a no-op `doit` never needs it.
 def _run(config_path: str, node_id: str):
@@ -29,11 +22,11 @@ def _clean(config_path: str, node_id: str):
 
 
 def available_targets(plan) -> tuple[list[str], dict[str, str]]:
-    from buildplan import toolchains
+    from buildplan import backends
 
     ok, skipped = [], {}
     for target, backend in plan.target_backend.items():
-        tc = toolchains.get(backend, plan.config)
+        tc = backends.toolchain(backend, plan.config)
         if tc.available:
             ok.append(target)
         else:
@@ -52,46 +45,32 @@ def _check_toolchain(problem: str):
     return TaskFailed(problem)
 
 
-_STORES: dict = {}  # config path -> the Store that answers freshness
-
-
-def store_for(config_path: str, plan=None):
-    """The Store for a config, made from `plan` if given, else from the config when first needed."""
-    if config_path not in _STORES:
-        from buildplan.state import Store
-
-        if plan is None:
-            from buildplan import config
-            from buildplan.plan import build_plan
-
-            plan = build_plan(config.load(config_path))
-        _STORES[config_path] = Store(plan)
-    return _STORES[config_path]
-
-
 def _fresh(config_path: str, node_id: str) -> bool:
+    from buildplan.session import store_for
+
     store = store_for(config_path)
     return store.is_fresh(store.plan.nodes[node_id])
 
 
 def task_specs(plan) -> list[dict]:
     """The doit tasks as plain data (JSON-able), so the no-op snapshot can keep them."""
-    from buildplan import toolchains
+    from buildplan import backends
 
+    docs = backends.stage_docs()
     specs = []
     for backend in sorted(set(plan.target_backend.values())):
-        tc = toolchains.get(backend, plan.config)
+        tc = backends.toolchain(backend, plan.config)
         specs.append({"basename": f"toolchain:{backend}", "problem": None if tc.available else tc.problem,
                       "doc": f"check that {backend} is installed ({tc.label})"})
     for node in plan.nodes.values():
         basename, name = node.id.split(":", 1)
         task_dep = list(node.deps)
-        if node.toolchain in ("tpu_mlir", "atc"):
+        if node.toolchain in plan.target_backend.values():  # a backend's, which may be missing
             task_dep.insert(0, f"toolchain:{node.toolchain}")
         specs.append({
             "basename": basename, "name": name, "task_dep": task_dep,
-            "targets": [f"{plan.root}/{o}" for o in node.outputs],
-            "doc": f"{STAGE_DOCS[node.stage]}: {', '.join(node.outputs[:1])}{' ...' if len(node.outputs) > 1 else ''}",
+            "targets": [f"{plan.root}/{o}" for o in node.paths],
+            "doc": f"{docs[node.stage]}: {node.main_output}{' ...' if len(node.outputs) > 1 else ''}",
         })
     for group, members in sorted(plan.groups.items()):
         deps = list(members)

@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import glob
-import hashlib
 import json
 import os
-import re
-import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.files import atomic_write, cache_dir, read_json, stat_keys
+from buildplan.core import PYTHON
+from buildplan.files import atomic_write, cache_dir, read_json, sha256_file, stat_keys
 
-TPU_MLIR_VERSION = "1.30.2"
-TPU_MLIR_HOWTO = ("run ./bootstrap.sh (installs TPU-MLIR {v} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
-                  "(or toolchains.tpu_mlir.root in models.yaml) at an environment whose bin/ has model_deploy.py"
-                  ).format(v=TPU_MLIR_VERSION)
-ATC_HOWTO = ("install the Ascend CANN toolkit and `source <install>/ascend-toolkit/set_env.sh` "
-             "(sets ASCEND_TOOLKIT_HOME and puts atc on PATH)")
-PYTHON_LIBS = ("torch", "transformers", "onnx", "onnxruntime", "onnxsim", "numpy")
 
 
 class Toolchain(NamedTuple):
@@ -46,14 +36,12 @@ class Toolchain(NamedTuple):
         return self.identity.get("version", "?") + (f" (build {build})" if build else "")
 
 
-def _sha(path: str | Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(limit) if limit else f.read())
-    return h.hexdigest()[:16]
+def short_sha(path: str | Path, limit: int | None = None) -> str:
+    """A build identity: sha256 of a file (or its first `limit` bytes), 16 hex digits."""
+    return sha256_file(path, limit)[:16]
 
 
-def _installed_versions(names) -> dict:
+def installed_versions(names) -> dict:
     """Versions from the `<name>-<version>.dist-info` folder names on sys.path: one listdir per
     entry instead of importlib.metadata's full scan (20 ms per no-op run)."""
     wanted = {n.replace("-", "_").lower(): n for n in names}
@@ -77,7 +65,7 @@ def _installed_versions(names) -> dict:
 WATCHED: dict[str, list[str]] = {}
 
 
-def _memoised(name: str, watched: list[str], identify) -> Toolchain:
+def memoised(name: str, watched: list[str], identify) -> Toolchain:
     """identify(), reused from the cache while every watched path keeps its stat key. Installing
     or removing a package renames a dist-info folder, which changes its parent's stat key."""
     key = f"{name}:{'|'.join(watched)}"
@@ -98,99 +86,14 @@ def _memoised(name: str, watched: list[str], identify) -> Toolchain:
     return tc
 
 
-@functools.cache
-def python_libs() -> Toolchain:
-    WATCHED["python"] = [entry or "." for entry in sys.path]
-    return _memoised("python", WATCHED["python"], _identify_python_libs)
+def python_libs(libs: tuple[str, ...]) -> Toolchain:
+    """The Python libraries `libs` as a toolchain: found when all are installed, identified by their versions."""
+    WATCHED[PYTHON] = [entry or "." for entry in sys.path]
+    return memoised(PYTHON, WATCHED[PYTHON], lambda: _identify_python_libs(libs))
 
 
-def _identify_python_libs() -> Toolchain:
-    versions = _installed_versions(PYTHON_LIBS)
+def _identify_python_libs(libs: tuple[str, ...]) -> Toolchain:
+    versions = installed_versions(libs)
     missing = [k for k, v in versions.items() if v is None]
-    return Toolchain("python", not missing, {"version": versions["torch"] or "?", "libs": versions},
+    return Toolchain(PYTHON, not missing, {"version": versions[libs[0]] or "?", "libs": versions},
                      problem=f"missing Python packages {missing}: run ./bootstrap.sh" if missing else "")
-
-
-def tpu_mlir_root(configured: str | None = None) -> Path:
-    env = os.environ.get("BLIPC_TPU_MLIR") or configured
-    if env:
-        return Path(env)
-    return cache_dir() / f"tpu-mlir-{TPU_MLIR_VERSION}"
-
-
-@functools.cache
-def tpu_mlir(configured: str | None = None) -> Toolchain:
-    root = tpu_mlir_root(configured)
-    bin_dir = root / "bin"
-    WATCHED["tpu_mlir"] = [str(bin_dir / "model_deploy.py"), str(root / "lib")]
-    if not (bin_dir / "model_deploy.py").is_file():
-        return Toolchain("tpu_mlir", False, problem=f"TPU-MLIR not found at {root} (no bin/model_deploy.py): {TPU_MLIR_HOWTO}")
-    site_dirs = sorted(glob.glob(str(root / "lib" / "python3*" / "site-packages")))
-    WATCHED["tpu_mlir"] += site_dirs
-    return _memoised("tpu_mlir", WATCHED["tpu_mlir"], lambda: _identify_tpu_mlir(bin_dir, site_dirs))
-
-
-def _identify_tpu_mlir(bin_dir: Path, site_dirs: list[str]) -> Toolchain:
-    dist = sorted(d for site in site_dirs for d in glob.glob(f"{site}/tpu_mlir-*.dist-info"))
-    if dist:
-        version = Path(dist[-1]).name[len("tpu_mlir-"):-len(".dist-info")]
-        build = _sha(Path(dist[-1]) / "RECORD")  # RECORD lists every file's hash: a build identity
-    else:  # a source build (e.g. SOPHGO's docker image): identify by the tool's own code
-        version, build = "source", _sha(bin_dir / "model_deploy.py")
-    return Toolchain("tpu_mlir", True, {"version": version, "build": build}, str(bin_dir))
-
-
-def _atc_version_files(atc: Path) -> list[Path]:
-    """CANN writes version.info (Version=...) next to each component; look upwards from atc."""
-    home = os.environ.get("ASCEND_TOOLKIT_HOME")
-    candidates = [p / name for p in list(atc.resolve().parents)[:4] for name in ("version.info", "version.cfg")]
-    if home:
-        candidates += [Path(home) / "compiler" / "version.info", Path(home) / "version.cfg"]
-    return candidates
-
-
-def _atc_version(atc: Path) -> str:
-    for c in _atc_version_files(atc):
-        if c.is_file():
-            m = re.search(r"^\s*(?:Version|version)\s*=\s*(\S+)", c.read_text(errors="replace"), re.M)
-            if m:
-                return m.group(1)
-    return "unknown"
-
-
-@functools.cache
-def atc() -> Toolchain:
-    home = os.environ.get("ASCEND_TOOLKIT_HOME")
-    homes = (Path(home) / "bin" / "atc", Path(home) / "compiler" / "bin" / "atc") if home else ()
-    # an atc copied into any PATH folder changes that folder's stat key
-    WATCHED["atc"] = [str(p) for p in homes] + [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
-    found = next((c for c in homes if c.is_file() and os.access(c, os.X_OK)), None)
-    if found is None and shutil.which("atc"):
-        found = Path(shutil.which("atc"))
-    if found is None:
-        where = f"ASCEND_TOOLKIT_HOME={home} has no bin/atc" if home else "atc is not on PATH and ASCEND_TOOLKIT_HOME is unset"
-        return Toolchain("atc", False, problem=f"ATC (Ascend CANN toolkit) not found: {where}; {ATC_HOWTO}")
-    WATCHED["atc"] += [str(p) for p in (found, found.parent / "STANDIN", *_atc_version_files(found))]
-    return _memoised("atc", WATCHED["atc"], lambda: _identify_atc(found))
-
-
-def _identify_atc(found: Path) -> Toolchain:
-    standin = (found.parent / "STANDIN").exists()
-    return Toolchain("atc", True, {"version": _atc_version(found), "build": _sha(found, 1 << 20)},
-                     str(found.parent), standin=standin)
-
-
-def get(name: str, config=None) -> Toolchain:
-    if name == "python":
-        return python_libs()
-    if name == "tpu_mlir":
-        return tpu_mlir(config.tpu_mlir_root if config else None)
-    if name == "atc":
-        return atc()
-    raise KeyError(name)
-
-
-def reset():
-    for f in (python_libs, tpu_mlir, atc):
-        f.cache_clear()
-    WATCHED.clear()

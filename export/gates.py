@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-class GateError(RuntimeError):
-    pass
+from buildplan.core import GateError
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], atol: float,

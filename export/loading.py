@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from buildplan.core import CheckpointError
 from export.presets import DEC_ID, PAD_ID, SEP_ID
 
 TASK_CLASSES = {
@@ -36,10 +37,6 @@ _VISION_RENAMES = (
 _IGNORED_PREFIXES = ("visual_encoder_m.", "text_encoder_m.", "text_decoder_m.", "vision_proj_m.", "text_proj_m.")
 _IGNORED_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "temp")
 _IGNORED_SUFFIXES = (".position_ids",)  # buffers older transformers saved; rebuilt at init
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def original_to_hf(key: str) -> str:

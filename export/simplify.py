@@ -5,12 +5,13 @@ compile stages validate their artifacts against exactly these.
 """
 from __future__ import annotations
 
-from buildplan.plan import Node
+from buildplan.core import PYTHON, Node
 from export.specs import GRAPHS
-from export.stage import check_onnx_io, fix_output_dims, onnx_path, signature
+from export.reference import write_io
+from export.stage import check_onnx_io, fix_output_dims, raw_role, signature
 
-CODE = ("export/simplify.py", "export/samples.py", "export/gates.py", "export/specs.py", "export/stage.py",
-        "export/decoding.py", "export/presets.py")
+STAGE_DOCS = {"simplify": "onnxsim per batch size, with its reference inputs and outputs"}
+
 SAMPLE_SEED = 7
 # onnxsim stops after a bounded number of folding rounds; the unrolled decoders need more (Shape
 # ops survived from the 6th decoding step on). So simplify again until nothing dynamic is left.
@@ -19,40 +20,38 @@ MAX_SIMPLIFY_PASSES = 5
 FIXED_POINT_ITERS = "2000"
 
 
-def paths(model: str, graph: str, batch: int) -> tuple[str, str]:
+def paths(model: str, graph: str, batch: int) -> dict[str, str]:
     stem = f"{model}/onnx/{graph}_bs{batch}"
-    return f"{stem}.onnx", f"{stem}.io.npz"
+    return {"onnx": f"{stem}.onnx", "reference": f"{stem}.io.npz"}
 
 
-def declare(plan, model, dims: dict, graph: str, batch: int, onnx_id: str) -> str:
-    spec = GRAPHS[graph]
-    node = plan.add(Node(
-        id=f"simplify:{model.name}.{graph}.bs{batch}", stage="simplify", model=model.name,
-        outputs=paths(model.name, graph, batch), action="export.simplify:run", code=CODE, toolchain="python",
-        deps=(onnx_id,),
-        params={"graph": graph, "batch": batch, "input_shapes": spec.shapes(dims, batch), "atol": spec.atol,
-                "discrete": spec.discrete_outputs, "sample_seed": SAMPLE_SEED, "dims": dims},
-        labels={"graph": graph, "batch": batch},
-    ), f"export:{model.name}")
-    return node.id
+class Exported:
+    """What the backends compile from. `raw(graph)` is the batch-dynamic graph (a node id and the
+    role of its file there); `fixed(graph, batch)` declares, once, the simplified graph at that
+    batch size with its reference inputs and outputs (roles "onnx" and "reference")."""
+
+    def __init__(self, plan, model, dims: dict, onnx_id: str):
+        self.plan, self.model, self.dims, self.onnx_id = plan, model, dims, onnx_id
+
+    def raw(self, graph: str) -> tuple[str, str]:
+        return self.onnx_id, raw_role(graph)
+
+    def fixed(self, graph: str, batch: int) -> str:
+        spec = GRAPHS[graph]
+        node = self.plan.add(Node(
+            id=f"simplify:{self.model.name}.{graph}.bs{batch}", stage="simplify", model=self.model.name,
+            outputs=paths(self.model.name, graph, batch), action="export.simplify:run", toolchain=PYTHON,
+            deps=(self.onnx_id,),
+            params={"graph": graph, "batch": batch, "input_shapes": spec.shapes(self.dims, batch), "atol": spec.atol,
+                    "discrete": spec.discrete_outputs, "sample_seed": SAMPLE_SEED, "dims": self.dims},
+            labels={"graph": graph, "batch": batch},
+        ), f"export:{self.model.name}")
+        return node.id
 
 
-def read_loop(path) -> dict:
-    """A step decoder's loop reference from its .io.npz: {ids input name: token ids [B, length]}."""
-    import numpy as np
-
-    with np.load(path) as z:
-        return {k[len("loop:"):]: z[k] for k in z.files if k.startswith("loop:")}
-
-
-def read_io(path) -> tuple[dict, dict]:
-    """(inputs, reference outputs) from an .io.npz, each keyed by tensor name."""
-    import numpy as np
-
-    with np.load(path) as z:
-        ins = {k[len("input:"):]: z[k] for k in z.files if k.startswith("input:")}
-        outs = {k[len("output:"):]: z[k] for k in z.files if k.startswith("output:")}
-    return ins, outs
+def declare(plan, model, dims: dict, onnx_id: str) -> Exported:
+    """The last export stage: simplified graphs are declared as the backends ask for them."""
+    return Exported(plan, model, dims, onnx_id)
 
 
 def still_dynamic(model) -> list[str]:
@@ -66,7 +65,7 @@ def simplify_static(model, input_shapes: dict):
 
     import onnxsim
 
-    from export.gates import GateError
+    from buildplan.core import GateError
 
     os.environ["ONNXSIM_FIXED_POINT_ITERS"] = FIXED_POINT_ITERS  # read by onnxsim at each call
     passes = 0
@@ -91,19 +90,20 @@ def run(node: Node, ctx) -> dict:
     import onnxruntime as ort
 
     from export.decoding import greedy_loop, loop_settings
-    from export.gates import GateError, compare, worst
+    from buildplan.core import GateError
+    from export.gates import compare, worst
     from export.samples import make_inputs
     from export.stage import ort_step
 
     p = node.params
     spec = GRAPHS[p["graph"]]
-    raw_path = ctx.path(onnx_path(node.model, p["graph"]))
+    raw_path = ctx.input(raw_role(p["graph"]))
     raw = onnx.load(str(raw_path))
     simplified, passes = simplify_static(raw, p["input_shapes"])
     if still_dynamic(simplified):
         raise GateError(f"{spec.name} bs{p['batch']}: still has {still_dynamic(simplified)} after {passes} onnxsim "
                         "passes: the graph is not fully static")
-    out_onnx, out_io = (ctx.tmp(rel) for rel in node.outputs)
+    out_onnx, out_io = ctx.tmp("onnx"), ctx.tmp("reference")
     fix_output_dims(simplified, spec, p["dims"], p["batch"])
     onnx.save(simplified, str(out_onnx))
     check_onnx_io(out_onnx, spec, p["dims"], p["batch"])
@@ -124,8 +124,7 @@ def run(node: Node, ctx) -> dict:
         loop = {settings["ids_name"]: greedy_loop(ort_step(ref_sess), feeds, **settings)}
         mine = {settings["ids_name"]: greedy_loop(ort_step(sess), feeds, **settings)}
         figures["loop_simplified_vs_raw"] = worst(compare(loop, mine, 0.0, discrete=True))
-    np.savez(out_io, **{f"input:{k}": v for k, v in feeds.items()}, **{f"output:{k}": v for k, v in ref.items()},
-             **{f"loop:{k}": v for k, v in loop.items()})
+    write_io(out_io, feeds, ref, loop)
     nodes_before, nodes_after = len(raw.graph.node), len(simplified.graph.node)
     ctx.log(f"{spec.name} bs{p['batch']}: {nodes_before} -> {nodes_after} nodes in {passes} onnxsim passes, gate vs raw {fig}")
     return {"figures": figures, "nodes": [nodes_before, nodes_after], "onnxsim_passes": passes,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import warnings
 
-from buildplan.plan import Node
+from buildplan.core import PYTHON, Node
 from export.specs import GRAPHS
 
-CODE = ("export/stage.py", "export/graphs.py", "export/loading.py", "export/specs.py", "export/presets.py",
-        "export/samples.py", "export/gates.py", "export/decoding.py")
+STAGE_DOCS = {"onnx": "raw split ONNX graphs (one checkpoint load)"}
+
 TRACE_BATCH = 2
 GATE_BATCHES = (1, 3)
 
@@ -21,11 +21,17 @@ def onnx_path(model: str, graph: str) -> str:
     return f"{model}/onnx/{graph}.onnx"
 
 
+def raw_role(graph: str) -> str:
+    """The role of a graph's raw ONNX among the outputs of the model's `onnx` node."""
+    return f"onnx:{graph}"
+
+
 def declare(plan, model, dims: dict, ckpt: dict) -> str:
+    """The second export stage: one node for all of a model's raw graphs (one checkpoint load)."""
     node = plan.add(Node(
         id=f"onnx:{model.name}", stage="onnx", model=model.name,
-        outputs=tuple(onnx_path(model.name, g) for g in model.graphs),
-        action="export.stage:run", code=CODE, toolchain="python",
+        outputs={raw_role(g): onnx_path(model.name, g) for g in model.graphs},
+        action="export.stage:run", toolchain=PYTHON,
         deps=(ckpt["node"],) if ckpt["node"] else (),
         sources=() if ckpt["node"] else (ckpt["path"],),
         params={"task": model.task, "arch": model.arch, "dims": dims, "checkpoint_kind": ckpt["kind"],
@@ -61,7 +67,7 @@ def check_onnx_io(path, spec, dims, batch: int | None = None) -> None:
     batch is None, else exactly that batch."""
     import onnx
 
-    from export.gates import GateError
+    from buildplan.core import GateError
 
     m = onnx.load(str(path), load_external_data=False)
     first = spec.batch_axis_name if batch is None else batch
@@ -113,7 +119,7 @@ def run(node: Node, ctx) -> dict:
 
     p = node.params
     dims = p["dims"]
-    ckpt = str(ctx.dep_output(node.deps[0])) if node.deps else node.sources[0]
+    ckpt = str(ctx.input("checkpoint")) if node.deps else node.sources[0]
     model, report = load_model(ckpt, p["checkpoint_kind"], p["task"], dims)
     ctx.log(f"loaded {ckpt}: ignored {len(report['ignored'])} training-state keys"
             + (f", interpolated pos_embed {report['interpolated_pos_embed']}" if report["interpolated_pos_embed"] else ""))
@@ -121,7 +127,7 @@ def run(node: Node, ctx) -> dict:
     for name in p["graphs"]:
         spec = GRAPHS[name]
         module = build(spec, model, dims)
-        out = ctx.tmp(onnx_path(node.model, name))
+        out = ctx.tmp(raw_role(name))
         example = make_inputs(spec, dims, TRACE_BATCH)
         axes = {t.name: {0: spec.batch_axis_name} for t in spec.inputs + spec.outputs}
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:

@@ -6,25 +6,26 @@ Same preset, task and seed give the same bytes.
 """
 from __future__ import annotations
 
-from buildplan.plan import Node
+from buildplan.core import PYTHON, Node
 
-CODE = ("export/synthetic.py", "export/loading.py", "export/presets.py")
+STAGE_DOCS = {"checkpoint": "synthetic checkpoint"}
+
 QUEUE_SIZE = {"tiny": 32, "base": 57600}  # retrieval queues, as BLIP's training state
 
 
-def declare(plan, model) -> dict:
-    """Returns where the model's checkpoint comes from: {"node": id or None, "path": ...}."""
+def declare(plan, model, dims: dict, previous=None) -> dict:
+    """The first export stage. Returns where the model's checkpoint comes from: {"node": id or None,
+    "path": ..., "kind": ...}; a synthetic one is built, a user's is a source file."""
     ck = model.checkpoint
     if ck.kind != "synthetic":
         return {"node": None, "path": ck.path, "kind": ck.kind}
-    out = f"checkpoints/{model.name}.pth"
     node = plan.add(Node(
-        id=f"checkpoint:{model.name}", stage="checkpoint", model=model.name, outputs=(out,),
-        action="export.synthetic:run", code=CODE, toolchain="python",
+        id=f"checkpoint:{model.name}", stage="checkpoint", model=model.name,
+        outputs={"checkpoint": f"checkpoints/{model.name}.pth"}, action="export.synthetic:run", toolchain=PYTHON,
         params={"preset": ck.preset, "seed": ck.seed, "task": model.task, "image_size": model.image_size},
         labels={},
     ), f"export:{model.name}")
-    return {"node": node.id, "path": out, "kind": "pth"}
+    return {"node": node.id, "path": node.outputs["checkpoint"], "kind": "pth"}
 
 
 def synthetic_state_dict(task: str, preset: str, seed: int, image_size: int | None = None) -> dict:
@@ -92,7 +93,7 @@ def save(state: dict, path) -> None:
 def run(node: Node, ctx) -> dict:
     p = node.params
     state = synthetic_state_dict(p["task"], p["preset"], p["seed"], p["image_size"])
-    save(state, ctx.tmp(node.outputs[0]))
+    save(state, ctx.tmp("checkpoint"))
     return {"keys": len(state), "params": int(sum(v.numel() for v in state.values()))}
 
 

@@ -51,3 +51,16 @@ def executed(proc) -> list[str]:
 @pytest.fixture
 def tmp_artifacts(tmp_path):
     return tmp_path / "artifacts"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked tpu_mlir are skipped, saying why and how to get it, where the toolchain is absent."""
+    marked = [item for item in items if item.get_closest_marker("tpu_mlir")]
+    if not marked:
+        return
+    from buildplan import backends
+
+    toolchain = backends.toolchain("tpu_mlir")
+    if not toolchain.available:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=toolchain.problem))

@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from buildplan.runner import StageError
-from compile.tpu_mlir import _similarities, accept
+from buildplan.core import GateError, StageError
+from compile.acceptance import accept
+from compile.tpu_mlir import _similarities
 from conftest import REPO
 from export.specs import GRAPHS
 
@@ -43,7 +44,6 @@ def test_accept_checks_values_against_the_onnx_reference():
 
 
 def test_accept_requires_identical_token_ids():
-    from export.gates import GateError
 
     spec = GRAPHS["blip_cap"]
     ids = np.arange(20, dtype=np.int64)[None]
@@ -81,3 +81,26 @@ def test_device_memory_read_from_model_tool_info():
                                    "runtime_bytes": 1241088}
     with pytest.raises(StageError, match="device mem size"):
         device_memory("bmodel version: B.2.2\n")
+
+
+def test_top_mlir_outputs_are_named_by_its_return_statement():
+    from compile.tpu_mlir import top_output_names
+
+    mlir = '''module @m {
+  func.func @main(%arg0: tensor<1x3xf32> loc(unknown)) -> (tensor<1xf32>, tensor<1x3xf32>) {
+    %0 = "top.Input"(%arg0) : (tensor<1x3xf32>) -> tensor<1x3xf32> loc(#loc1)
+    %1 = "top.Slice"(%0) : (tensor<1x3xf32>) -> tensor<1xf32> loc(#loc2)
+    %2 = "top.Gather"(%1) : (tensor<1xf32>) -> tensor<1xf32> loc(#loc3)
+    %3 = "top.Relu"(%0) : (tensor<1x3xf32>) -> tensor<1x3xf32> loc("feat")
+    return %2, %3 : tensor<1xf32>, tensor<1x3xf32> loc(#loc)
+  } loc(#loc)
+} loc(#loc)
+#loc = loc(unknown)
+#loc1 = loc("input")
+#loc2 = loc("score_Gather_slice")
+#loc3 = loc("score_Gather")
+'''
+    # the returned tensors in order, not the intermediate whose name merely starts like the output's
+    assert top_output_names(mlir) == ["score_Gather", "feat"]
+    with pytest.raises(StageError, match="no return"):
+        top_output_names("module {}")

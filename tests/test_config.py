@@ -67,7 +67,7 @@ def test_a_chip_takes_several_settings_blocks(tmp_path):
         {"graphs": ["blip_vqa_venc"], "precisions": ["F32", "F16", "INT8"]},
         {"graphs": ["blip_vqa_tenc", "blip_vqa_tdec"], "precisions": ["F32"]}]))))
     blocks = [t for t in config.load(path).models[1].targets if t.name == "bm1684x"]
-    assert [(t.graphs, t.precisions) for t in blocks] == [
+    assert [(t.graphs, t.settings["precisions"]) for t in blocks] == [
         (("blip_vqa_venc",), ("F32", "F16", "INT8")), (("blip_vqa_tenc", "blip_vqa_tdec"), ("F32",))]
 
 

@@ -7,10 +7,11 @@ import shutil
 
 import pytest
 
-from buildplan import config, snapshot, state, toolchains
+from buildplan import backends, codedeps, config, files, snapshot, state, toolchains
 from buildplan.files import keep_newest
 from buildplan.plan import build_plan
 from buildplan.state import Store
+from compile import tpu_mlir
 from conftest import REPO, STANDIN_BIN, doit, executed, repo_copy, write_config
 
 
@@ -29,7 +30,7 @@ def exported(tmp_path_factory):
 
 
 def _store(cfg):
-    toolchains.reset()
+    backends.reset_toolchains()
     return Store(build_plan(config.load(cfg)))
 
 
@@ -50,7 +51,7 @@ def test_fresh_verdicts_are_remembered_and_used(exported, monkeypatch):
 def test_output_edited_in_place_is_caught(exported, tmp_path):
     store = _store(exported)
     onnx_node = store.plan.nodes["onnx:m"]
-    out = store.root / onnx_node.outputs[0]
+    out = store.root / onnx_node.main_output
     original = out.read_bytes()
     try:
         out.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, new content
@@ -76,17 +77,17 @@ def test_changed_upstream_record_is_caught(exported):
 
 def test_edited_build_code_and_other_toolchain_are_caught(exported, tmp_path, monkeypatch):
     node = _store(exported).plan.nodes["onnx:m"]
-    monkeypatch.setattr(state, "REPO", repo_copy(tmp_path / "repo", edited="export/stage.py"))
+    monkeypatch.setattr(files, "REPO", repo_copy(tmp_path / "repo", edited="export/stage.py"))
     state.code_hash.cache_clear()
     try:
         assert "code" in {r["kind"] for r in _store(exported).check(node)}
     finally:
-        monkeypatch.setattr(state, "REPO", REPO)
+        monkeypatch.setattr(files, "REPO", REPO)
         state.code_hash.cache_clear()
-    real = toolchains.python_libs()
+    real = backends.toolchain(toolchains.PYTHON)
     other = real._replace(identity={**real.identity, "libs": {**real.identity["libs"], "onnx": "0.0.1"}})
     store = _store(exported)
-    monkeypatch.setattr(toolchains, "python_libs", lambda: other)
+    monkeypatch.setattr(backends, "_python", lambda: other)
     assert "toolchain" in {r["kind"] for r in store.check(node)}
 
 
@@ -101,28 +102,32 @@ def _fake_tpu_mlir(root, version, record):
     (dist / "RECORD").write_text(record)
 
 
+def _detect(root):
+    return tpu_mlir.detect({"root": str(root)})[0]
+
+
 def test_toolchain_identity_memo_follows_reinstalls(tmp_path, monkeypatch):
     monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "tpu"
     _fake_tpu_mlir(root, "1.2.3", "a,sha256=1,1\n")
-    toolchains.reset()
-    first = toolchains.tpu_mlir(str(root))
+    backends.reset_toolchains()
+    first = _detect(root)
     assert first.identity["version"] == "1.2.3" and (tmp_path / "cache/toolchains.json").is_file()
 
-    monkeypatch.setattr(toolchains, "_identify_tpu_mlir", lambda *a: pytest.fail("identified again"))
-    toolchains.reset()
-    assert toolchains.tpu_mlir(str(root)) == first  # from the memo
+    monkeypatch.setattr(tpu_mlir, "identify", lambda *a: pytest.fail("identified again"))
+    backends.reset_toolchains()
+    assert _detect(root) == first  # from the memo
     monkeypatch.undo()
     monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
 
     _fake_tpu_mlir(root, "1.2.3", "a,sha256=2,1\n")  # same version, another build (pip reinstall)
-    toolchains.reset()
-    rebuilt = toolchains.tpu_mlir(str(root))
+    backends.reset_toolchains()
+    rebuilt = _detect(root)
     assert rebuilt.identity["version"] == "1.2.3" and rebuilt.identity["build"] != first.identity["build"]
     _fake_tpu_mlir(root, "1.2.4", "a,sha256=2,1\n")
-    toolchains.reset()
-    assert toolchains.tpu_mlir(str(root)).identity["version"] == "1.2.4"
-    toolchains.reset()
+    backends.reset_toolchains()
+    assert _detect(root).identity["version"] == "1.2.4"
+    backends.reset_toolchains()
 
 
 def test_cache_folders_keep_only_the_newest(tmp_path):
@@ -137,7 +142,7 @@ def test_cache_folders_keep_only_the_newest(tmp_path):
 # --- the no-op snapshot ---------------------------------------------------------------------
 
 def _taken(cfg) -> dict:
-    toolchains.reset()
+    backends.reset_toolchains()
     snapshot.take(str(cfg), build_plan(config.load(cfg)))
     snap = snapshot.load(str(cfg))
     assert snap is not None
@@ -177,7 +182,7 @@ def test_snapshot_is_void_after_any_change(exported, tmp_path, monkeypatch, chan
         path = store.record_path("onnx:m")
         path.write_text(path.read_text())  # same content, rewritten
     elif change == "output":
-        out = store.root / store.plan.nodes["onnx:m"].outputs[0]
+        out = store.root / store.plan.nodes["onnx:m"].main_output
         out.write_bytes(out.read_bytes())
     elif change == "checkpoint_record_replaced":
         store.commit(store.read("checkpoint:m"))
@@ -191,7 +196,7 @@ def test_snapshot_is_void_after_any_change(exported, tmp_path, monkeypatch, chan
 
 def test_snapshot_is_void_when_code_changes(exported, tmp_path, monkeypatch):
     fake_repo = repo_copy(tmp_path / "repo")
-    monkeypatch.setattr(snapshot, "REPO", fake_repo)
+    monkeypatch.setattr(files, "REPO", fake_repo)
     _taken(exported)
     with open(fake_repo / "compile/tpu_mlir.py", "a") as f:
         f.write("\n# edited\n")
@@ -211,14 +216,14 @@ def test_snapshot_is_void_when_a_toolchain_appears_or_changes(exported, tmp_path
     _taken(exported)
     _fake_tpu_mlir(tpu_root, "1.2.4", "a,sha256=1,1\n")  # TPU-MLIR upgraded in place
     assert snapshot.load(str(exported)) is None
-    toolchains.reset()
+    backends.reset_toolchains()
 
 
 def test_snapshot_not_written_when_files_change_while_it_is_taken(exported, monkeypatch):
     _taken(exported)
     snapshot._file(str(exported)).unlink()
     store = _store(exported)
-    out = store.root / store.plan.nodes["onnx:m"].outputs[0]
+    out = store.root / store.plan.nodes["onnx:m"].main_output
     real = Store.is_fresh
 
     def racing(self, node):  # a parallel build replaces an output mid-way
@@ -246,7 +251,7 @@ def test_transformers_folder_checkpoint_is_fingerprinted_file_by_file(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one weight changed in place: the folder's own stat key does not move
     weights.write_bytes(bytes(data))
-    toolchains.reset()
+    backends.reset_toolchains()
     reasons = report.stale_nodes(build_plan(config.load(cfg)))["onnx:m"]
     assert [r["kind"] for r in reasons] == ["checkpoint"]
     assert executed(doit(cfg, "onnx:m")) == ["onnx:m"]
@@ -269,6 +274,7 @@ def test_pth_checkpoint_run_is_replayed_without_traceback(tmp_path):
     assert "buildplan.snapshot" in replay.stderr and "buildplan.config" not in replay.stderr
 
 
+@pytest.mark.tpu_mlir
 def test_stale_upstream_is_never_replayed_as_fresh(tmp_path):
     """Seed changed, then `doit stale` (which writes the snapshot), then `doit`: every artifact
     downstream of the checkpoint must be rebuilt in that one run. The snapshot recorded each node

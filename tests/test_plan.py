@@ -23,10 +23,13 @@ def test_default_matrix_counts():
     assert stages["calibrate"] == 2  # blip_itm and blip_vqa_venc (INT8 somewhere)
     assert stages["simplify"] == 4 * 6 + 8
     assert stages["onnx"] == stages["checkpoint"] == 3
-    names = [n.outputs[0] for n in plan.nodes.values() if n.stage == "bmodel"]
+    # cpu (ONNX Runtime): retrieval 4 graphs x F32+INT8 + BLIP_image_feat; captioning venc x 2 + 2
+    # decoders; vqa venc and tenc x 2 + 2 decoders. Every graph at bs1, already simplified for others.
+    assert stages["ort"] == (4 * 2 + 1) + (2 + 2) + (2 * 2 + 2)
+    names = [n.main_output for n in plan.nodes.values() if n.stage == "bmodel"]
     assert "retrieval/BM1684X/blip_itm_bm1684x_f32_1b.bmodel" in names
     assert sorted(g for g in plan.groups if g.startswith("compile:")) == [
-        "compile:ascend310p3", "compile:bm1684", "compile:bm1684x", "compile:bm1688"]
+        "compile:ascend310p3", "compile:bm1684", "compile:bm1684x", "compile:bm1688", "compile:cpu"]
 
 
 def test_matrix_scales_with_declaration(tmp_path):
@@ -58,5 +61,5 @@ def test_plan_does_not_import_heavy_libraries():
 def test_doit_list_has_one_compile_group_per_target():
     proc = doit(REPO / "models.yaml", "list")
     groups = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("compile:")]
-    assert groups == ["compile:ascend310p3", "compile:bm1684", "compile:bm1684x", "compile:bm1688"]
+    assert groups == ["compile:ascend310p3", "compile:bm1684", "compile:bm1684x", "compile:bm1688", "compile:cpu"]
     assert "export:retrieval" in proc.stdout and "default" in proc.stdout

@@ -1,0 +1,113 @@
+"""models.schema.json: a JSON Schema of models.yaml, made from what the core and the backends
+declare, for editors (the YAML language server completes and checks as one types).
+
+The validator in buildplan/config.py stays the authority (its errors name the field and the
+fix); this is documentation and editor help. Regenerate with `python -m buildplan.schema`; a
+test keeps the committed file current.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from buildplan import files
+from buildplan.backends import registry
+from buildplan.core import Setting
+from export.presets import ARCHS, TASKS
+from export.specs import graphs_for_task
+
+SCHEMA_FILE = "models.schema.json"
+
+
+def _setting(s: Setting, target: str | None) -> dict:
+    default = s.default_for(target) if target else (None if callable(s.default) else s.default)
+    allowed = s.allowed_for(target)
+    if s.kind == "bool":
+        out = {"type": "boolean"}
+    elif s.kind == "int":
+        out = {"type": "integer", **({"minimum": s.minimum} if s.minimum is not None else {}),
+               **({"maximum": s.maximum} if s.maximum is not None else {})}
+    elif s.kind == "str":
+        out = {"type": "string", **({"enum": list(allowed)} if allowed else {})}
+    elif s.kind == "path":
+        out = {"type": "string"}
+    elif s.kind == "choices":
+        out = {"type": "array", "minItems": 1, "uniqueItems": True,
+               "items": {"type": "string", **({"enum": list(allowed)} if allowed else {})}}
+    elif s.kind == "flags":
+        out = {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string",
+                                                                                   "pattern": "^--[a-z_0-9]+=\\S"}}}
+    else:
+        raise ValueError(f"setting {s.key}: unknown kind {s.kind!r}")
+    out["description"] = s.help
+    if default is not None and not callable(default):
+        out["default"] = list(default) if isinstance(default, tuple) else default
+    return out
+
+
+def _target_block(backend, target: str, graph_names: list[str]) -> dict:
+    block = {
+        "type": "object", "additionalProperties": False,
+        "description": f"{target}: built by {backend.LABEL}",
+        "properties": {
+            "graphs": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": graph_names},
+                       "description": "which of the model's graphs (default: all)"},
+            "batch_sizes": {"type": "array", "minItems": 1, "uniqueItems": True,
+                            "items": {"type": "integer", "minimum": 1, "maximum": 1024}, "default": [1]},
+            **{s.key: _setting(s, target) for s in backend.SETTINGS},
+        },
+    }
+    return {"anyOf": [block, {"type": "array", "minItems": 1, "items": block}, {"type": "null"}]}
+
+
+def schema() -> dict:
+    graph_names = sorted({g for task in TASKS for g in graphs_for_task(task)})
+    targets = {t: _target_block(b, t, graph_names) for b in registry().values() for t in b.TARGETS}
+    toolchains = {name: {"type": "object", "additionalProperties": False,
+                         "properties": {s.key: _setting(s, None) for s in b.TOOLCHAIN_SETTINGS}}
+                  for name, b in registry().items() if getattr(b, "TOOLCHAIN_SETTINGS", ())}
+    model = {
+        "type": "object", "additionalProperties": False, "required": ["name", "task", "checkpoint", "targets"],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+                     "description": "names the artifacts' folder"},
+            "task": {"enum": list(TASKS)},
+            "checkpoint": {
+                "description": "a .pth path, a transformers save_pretrained() folder, or a synthetic one",
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "object", "additionalProperties": False, "required": ["path"],
+                     "properties": {"path": {"type": "string"}}},
+                    {"type": "object", "additionalProperties": False, "required": ["synthetic"],
+                     "properties": {"synthetic": {"enum": list(ARCHS)}, "seed": {"type": "integer"}}},
+                ]},
+            "arch": {"enum": list(ARCHS)},
+            "image_size": {"type": "integer", "minimum": 1},
+            "graphs": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": graph_names}},
+            "calibration": {"type": "object", "additionalProperties": False, "properties": {
+                "samples": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 8},
+                "data": {"type": "string", "description": "a folder of .npz samples keyed by input name"}}},
+            "targets": {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": targets},
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "models.yaml of the BLIP compile build",
+        "description": "Generated by `python -m buildplan.schema` from the core's and the backends' declared settings.",
+        "type": "object", "additionalProperties": False, "required": ["models"],
+        "properties": {
+            "artifacts": {"type": "string", "default": "artifacts"},
+            "toolchains": {"type": "object", "additionalProperties": False, "properties": toolchains},
+            "models": {"type": "array", "minItems": 1, "items": model},
+        },
+    }
+
+
+def render() -> str:
+    return json.dumps(schema(), indent=1) + "\n"
+
+
+if __name__ == "__main__":
+    out = files.REPO / SCHEMA_FILE
+    out.write_text(render())
+    print(f"wrote {out}", file=sys.stderr)
