@@ -202,18 +202,36 @@ def run_transform(node: Node, ctx) -> dict:
 
 def top_output_names(mlir: str) -> list[str]:
     """The tensors a top MLIR's main function returns, in order, by their location names:
-    `return %12, %15 : ...` with `%12 = "top.X"(...) loc(#loc7)` and `#loc7 = loc("itm_score")`."""
+    `return %12, %indices : ...` with `%12 = "top.X"(...) loc(#loc7)` and `#loc7 = loc("itm_score")`.
+    An operation with several results (`%indices, %values = "top.Arg"...`, or `%5:2` used as `%5#1`)
+    has one location for all, or a fused one with a name per result."""
     ret = re.search(r"^\s*return\s+([^:]+?)\s*:", mlir, re.M)
     if ret is None:
         raise StageError("the top MLIR has no return statement")
-    loc_names = dict(re.findall(r'^(#loc\d+)\s*=\s*loc\("([^"]+)"\)', mlir, re.M))
+    locs = dict(re.findall(r"^(#loc\d+)\s*=\s*(loc\(.*\))\s*$", mlir, re.M))
+    defs = {}  # result value -> (its index among the operation's results, the operation's location)
+    for lhs, loc in re.findall(r"^\s*(%[^=]+?)\s*=\s*\S.*\bloc\((#loc\d+|\"[^\"]*\")\)\s*$", mlir, re.M):
+        results = [v.strip() for v in lhs.split(",")]
+        if len(results) == 1 and ":" in results[0]:  # `%5:2` -> %5#0, %5#1
+            base, count = results[0].split(":")
+            results = [f"{base}#{i}" for i in range(int(count))]
+        for i, value in enumerate(results):
+            defs[value] = (i, loc)
     names = []
     for value in (v.strip() for v in ret.group(1).split(",")):
-        op = re.search(rf"^\s*{re.escape(value)}\s*=.*loc\((#loc\d+|\"[^\"]+\")\)\s*$", mlir, re.M)
-        if op is None:
+        if value not in defs:
             raise StageError(f"the top MLIR returns {value}, which no operation defines")
-        loc = op.group(1)
-        names.append(loc.strip('"') if loc.startswith('"') else loc_names.get(loc, loc))
+        index, loc = defs[value]
+        text = locs.get(loc, f"loc({loc})")
+        if text.startswith("loc(fused"):  # one name per result: quoted, or #loc references
+            named = [locs.get(r, "") for r in re.findall(r"#loc\d+", text)] or re.findall(r'"[^"]*"', text)
+            named = [re.search(r'"([^"]*)"', n).group(1) if '"' in n else None for n in named]
+        else:
+            single = re.fullmatch(r'loc\("([^"]*)"\)', text)
+            named = [single.group(1)] if single else []
+        if index >= len(named) or named[index] is None:
+            raise StageError(f"cannot tell the name of {value} (result {index} of an operation at {text})")
+        names.append(named[index])
     return names
 
 

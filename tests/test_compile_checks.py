@@ -104,3 +104,17 @@ def test_top_mlir_outputs_are_named_by_its_return_statement():
     assert top_output_names(mlir) == ["score_Gather", "feat"]
     with pytest.raises(StageError, match="no return"):
         top_output_names("module {}")
+
+
+def test_top_mlir_outputs_of_multi_result_operations():
+    from compile.tpu_mlir import top_output_names
+
+    mlir = '''    %indices, %values = "top.Arg"(%165) {axis = 2 : i64} : (tensor<1x10x30524xf32>) -> (tensor<1x10xf32>, none) loc(#loc166)
+    %7:2 = "top.Split"(%6) : (tensor<2xf32>) -> (tensor<1xf32>, tensor<1xf32>) loc(#loc9)
+    return %indices, %7#1 : tensor<1x10xf32>, tensor<1xf32> loc(#loc)
+#loc166 = loc("next_ids_ArgMax")
+#loc7 = loc("left")
+#loc8 = loc("right")
+#loc9 = loc(fused[#loc7, #loc8])
+'''
+    assert top_output_names(mlir) == ["next_ids_ArgMax", "right"]

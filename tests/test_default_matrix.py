@@ -8,7 +8,7 @@ import yaml
 
 from buildplan import config
 from buildplan.plan import build_plan
-from compile.tpu_mlir import ACCEPT
+from compile.acceptance import ACCEPT
 from conftest import REPO, doit, executed
 
 pytestmark = pytest.mark.tpu_mlir
