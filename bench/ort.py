@@ -51,7 +51,10 @@ def main() -> None:
     print(f"{'artifact':44} {'time':>6} {'peak RSS':>9} {'ORT':>9} {'ONNX':>9} {'cosine':>9} {'rel err':>8}")
     totals = {}
     for node in plan.nodes.values():
-        rec = json.loads((state / f"{safe_name(node.id)}.json").read_text())
+        path = state / f"{safe_name(node.id)}.json"
+        if not path.exists():  # another target's artifact
+            continue
+        rec = json.loads(path.read_text())
         totals[node.stage] = totals.get(node.stage, 0.0) + rec["duration_s"]
         if node.stage != "ort":
             continue
@@ -59,7 +62,7 @@ def main() -> None:
         print(f"{node.id[4:]:44} {rec['duration_s']:5.2f}s {rec.get('peak_rss_mb', 0):7.0f}MB "
               f"{rec['ort_bytes'] / 1e6:7.2f}MB {rec['onnx_bytes'] / 1e6:7.2f}MB {fig['cosine']:9.6f} "
               f"{fig['rel_max_abs']:8.4f}")
-    print("stage totals: " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items()) + f"; doit wall {wall:.1f} s")
+    print("built here (time totals): " + ", ".join(f"{k} {v:.1f} s" for k, v in totals.items()) + f"; doit wall {wall:.1f} s")
 
 
 if __name__ == "__main__":

@@ -19,22 +19,26 @@ def _plan():
 class Stale(DoitCmdBase):
     name = "stale"
     doc_purpose = "list declared artifacts that are missing or out of date, with reasons"
-    doc_usage = "[--json] [--check]"
-    doc_description = "Exit status with --check: 1 when anything is stale, else 0."
+    doc_usage = "[--json] [--check] [--remote]"
+    doc_description = ("Exit status with --check: 1 when anything is stale, else 0. --remote adds, per stale "
+                       "artifact, whether the shared cache has it (a pull instead of a build).")
     cmd_options = (
         {"name": "as_json", "long": "json", "type": bool, "default": False, "help": "machine-readable output"},
         {"name": "check", "long": "check", "type": bool, "default": False, "help": "exit 1 if anything is stale"},
+        {"name": "remote", "long": "remote", "type": bool, "default": False,
+         "help": "say which stale artifacts the shared cache has"},
     )
 
-    def _execute(self, as_json=False, check=False):
+    def _execute(self, as_json=False, check=False, remote=False):
         from buildplan import report
 
         plan = _plan()
         stale = report.stale_nodes(plan)
+        in_cache = report.in_cache(plan, stale) if remote else None
         if as_json:
-            print(json.dumps(report.as_json(plan, stale), indent=1))
+            print(json.dumps(report.as_json(plan, stale, in_cache), indent=1))
         else:
-            print(report.as_text(plan, stale))
+            print(report.as_text(plan, stale, in_cache))
         self.dep_manager.close()
         return 1 if (check and stale) else 0
 
@@ -142,3 +146,36 @@ class Nightly(Run):
         path, failed = nightly.write_report(plan, started, skipped, report_dir or None, damaged)
         print(f"nightly report: {path}.html (and .json); failed: {failed}", file=sys.stderr)
         return 1 if failed else 0
+
+
+class CacheCommand(DoitCmdBase):
+    name = "cache"
+    doc_purpose = "the shared artifact cache: status, push, pull, verify, gc"
+    doc_usage = "status | push [TASK...] | pull [TASK...] | verify [--fix] | gc [--dry-run]"
+    doc_description = (
+        "status: where the cache is, whether it answers, what it holds, which declared artifacts it has.\n"
+        "push: upload what is built and fresh (real toolchains only, never a stand-in's output).\n"
+        "pull: fetch what is stale and in the cache, without building anything.\n"
+        "verify: re-hash every stored file; report corrupt files and entries whose files are missing "
+        "(--fix deletes them).\n"
+        "gc: delete stored files no entry refers to.\n"
+        "TASK may be a node (bmodel:...) or a group (compile:bm1684x, export:retrieval); default: all declared.")
+    cmd_options = (
+        {"name": "fix", "long": "fix", "type": bool, "default": False, "help": "verify: delete what is damaged"},
+        {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "gc: only list"},
+    )
+
+    def _execute(self, fix=False, dry_run=False, pos_args=None):
+        from buildplan import cache_commands
+
+        words = list(pos_args or [])
+        # doit stops reading options at the first word: `cache gc --dry-run` arrives as words
+        fix = fix or "--fix" in words
+        dry_run = dry_run or "--dry-run" in words
+        words = [w for w in words if w not in ("--fix", "--dry-run")]
+        action = words.pop(0) if words else "status"
+        plan = _plan()
+        try:
+            return cache_commands.run(action, plan, words, fix=fix, dry_run=dry_run)
+        finally:
+            self.dep_manager.close()

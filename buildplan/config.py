@@ -56,6 +56,7 @@ class Config(NamedTuple):
     artifacts: str  # absolute artifacts root
     models: tuple[Model, ...]
     toolchains: dict = {}  # backend name -> its `toolchains:` settings (e.g. a TPU-MLIR root); never mutated
+    cache: dict = {}  # the shared artifact cache: {url, mode, required} as written (see buildplan/cache.py)
 
 
 class _Checker:
@@ -229,7 +230,7 @@ def _usable_path(c: "_Checker", value, field: str, base_dir: Path, what: str, fo
 
 def validate(raw, file: str, base_dir: Path) -> Config:
     c = _Checker(file)
-    top = c.mapping(raw, "", ("models", "artifacts", "toolchains"), ("models",))
+    top = c.mapping(raw, "", ("models", "artifacts", "toolchains", "cache"), ("models",))
     artifacts = _usable_path(c, top.get("artifacts", "artifacts"), "artifacts", base_dir, "a directory path", folder=True)
     toolchains = {}
     configurable = {name: b.TOOLCHAIN_SETTINGS for name, b in registry().items() if getattr(b, "TOOLCHAIN_SETTINGS", ())}
@@ -247,7 +248,27 @@ def validate(raw, file: str, base_dir: Path) -> Config:
         names[model.name] = i
         models.append(model)
     return Config(str(base_dir / Path(file).name) if not os.path.isabs(file) else file,
-                  str(artifacts), tuple(models), toolchains)
+                  str(artifacts), tuple(models), toolchains, _cache(c, top.get("cache"), base_dir))
+
+
+def _cache(c: _Checker, raw, base_dir: Path) -> dict:
+    from buildplan.cache import MODES, check_url
+
+    if raw is None:
+        return {}
+    block = c.mapping(raw, "cache", ("url", "mode", "required"))
+    out = {}
+    if block.get("url") is not None:
+        url = c.typed(block["url"], "cache.url", str, "a string (s3://bucket/prefix or a directory)")
+        check_url(url, "cache.url", c.file)
+        # a directory is relative to models.yaml, like every other path in it
+        out["url"] = url if url.startswith("s3://") else str(_usable_path(c, url, "cache.url", base_dir,
+                                                                          "a directory path", folder=True))
+    if block.get("mode") is not None:
+        out["mode"] = c.choice(block["mode"], "cache.mode", MODES, "cache mode")
+    if block.get("required") is not None:
+        out["required"] = c.typed(block["required"], "cache.required", bool, "true or false")
+    return out
 
 
 def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:

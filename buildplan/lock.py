@@ -35,6 +35,8 @@ def is_build(argv: list[str]) -> bool:
             words.append(a)
     if words and words[0] == "verify":
         return "--fix" in argv  # it drops records then
+    if words and words[0] == "cache":
+        return words[1:2] == ["pull"]  # the others read artifacts/ or write only the cache
     return not words or words[0] not in READ_ONLY
 
 

@@ -30,17 +30,51 @@ def group_key(plan: Plan, node_id: str) -> str:
     return " / ".join(parts)
 
 
-def as_json(plan: Plan, stale: dict[str, list[dict]]) -> dict:
+def in_cache(plan: Plan, stale: dict[str, list[dict]]) -> dict[str, bool | None]:
+    """Per stale node, whether the shared cache has it: True, False, or None when that cannot be
+    known yet (an upstream artifact is neither built nor cached, so its content is unknown). An
+    upstream artifact the cache has counts with the digest the cache says it has."""
+    from buildplan import cache as cache_mod
+
+    cache = cache_mod.for_config(plan.config)
+    if not cache.usable():
+        return {node_id: None for node_id in stale}
+    store = Store(plan)
+    digests: dict[str, str | None] = {}
+    found: dict[str, bool | None] = {}
+    for node_id in plan.closure(list(stale)):
+        node = plan.nodes[node_id]
+        if node_id not in stale:
+            rec = store.read(node_id)
+            digests[node_id] = rec["digest"] if rec else None
+            continue
+        if any(digests.get(d) is None for d in node.deps):
+            found[node_id] = digests[node_id] = None
+            continue
+        parts = store.parts(node)
+        parts["inputs"] = {d: digests[d] for d in node.deps}
+        entry = cache.lookup(node, cache_mod.key(parts))
+        found[node_id] = entry is not None
+        digests[node_id] = entry["digest"] if entry else None
+    return found
+
+
+def as_json(plan: Plan, stale: dict[str, list[dict]], cached: dict | None = None) -> dict:
     items = []
     for node_id, reasons in stale.items():
         n = plan.nodes[node_id]
         items.append({"node": node_id, "stage": n.stage, "model": n.model, "labels": n.labels,
                       "outputs": list(n.paths), "group": group_key(plan, node_id),
-                      "reasons": [r["text"] for r in reasons], "reason_kinds": sorted({r["kind"] for r in reasons})})
+                      "reasons": [r["text"] for r in reasons], "reason_kinds": sorted({r["kind"] for r in reasons}),
+                      **({"in_cache": cached.get(node_id)} if cached is not None else {})})
     return {"declared": len(plan.nodes), "stale": len(items), "artifacts": items}
 
 
-def as_text(plan: Plan, stale: dict[str, list[dict]]) -> str:
+_CACHED_TEXT = {True: "in the cache: a pull, not a build", False: "not in the cache",
+                None: "cache: unknown until its upstream is built"}
+
+
+def as_text(plan: Plan, stale: dict[str, list[dict]], cached: dict | None = None) -> str:
     if not stale:
         return f"all {len(plan.nodes)} declared artifacts are up to date"
     by_group: dict[str, list[str]] = {}
@@ -50,6 +84,7 @@ def as_text(plan: Plan, stale: dict[str, list[dict]]) -> str:
     for group in sorted(by_group):
         lines.append(group)
         for node_id in by_group[group]:
-            lines.append(f"  {node_id}  ->  {plan.nodes[node_id].main_output}")
+            lines.append(f"  {node_id}  ->  {plan.nodes[node_id].main_output}"
+                         + (f"  [{_CACHED_TEXT[cached.get(node_id)]}]" if cached is not None else ""))
             lines += [f"      - {r['text']}" for r in stale[node_id]]
     return "\n".join(lines)

@@ -140,12 +140,13 @@ def _out_of_space_message(node_id: str, e: OSError, root: Path) -> str:
             "every artifact already built is intact and stays fresh; this one's partial files were removed.")
 
 
-def run_task(config_path: str, node_id: str):
-    """doit action. Returns None on success, a TaskFailed with the log path on failure."""
+def run_task(config_path: str, node_id: str, build: bool = True):
+    """doit action. Returns None on success, a TaskFailed with the log path on failure.
+    build=False only pulls from the cache (`doit cache pull`): False when it was not there."""
     from doit.exceptions import TaskFailed
 
     try:
-        return _run_task(config_path, node_id)
+        return _run_task(config_path, node_id, build)
     except OSError as e:  # out of space before or after the stage itself (log, record, manifest)
         full = _out_of_space(e)
         if full is None:
@@ -155,8 +156,10 @@ def run_task(config_path: str, node_id: str):
         return TaskFailed(_out_of_space_message(node_id, full, root))
 
 
-def _run_task(config_path: str, node_id: str):
+def _run_task(config_path: str, node_id: str, build: bool):
     from doit.exceptions import TaskFailed
+
+    from buildplan import cache as cache_mod
 
     store = store_for(config_path)
     plan = store.plan
@@ -174,9 +177,17 @@ def _run_task(config_path: str, node_id: str):
     ctx.log_path.write_text(f"# {node_id}  started {utc_now()} on {socket.gethostname()}\n")
     started = time.time()
     peak_is_own = _reset_peak_rss()
+    parts = store.parts(node)  # what it is made from: doit ran (or pulled) every upstream task first
+    cache = cache_mod.for_config(plan.config)
     try:
-        module, func = node.action.split(":")
-        result = getattr(importlib.import_module(module), func)(node, ctx) or {}
+        result = _pull(ctx, cache, parts) if cache.settings.reads else None
+        pulled = result is not None
+        if not pulled:
+            if not build:
+                shutil.rmtree(ctx.staging, ignore_errors=True)
+                return False
+            module, func = node.action.split(":")
+            result = getattr(importlib.import_module(module), func)(node, ctx) or {}
         outputs = {}
         for rel in node.paths:
             staged = ctx.staging / "out" / rel
@@ -207,7 +218,6 @@ def _run_task(config_path: str, node_id: str):
         store.mark_failure(node_id, detail, str(ctx.log_path.relative_to(ctx.root)), utc_now())
         return TaskFailed(msg)
     shutil.rmtree(ctx.staging, ignore_errors=True)
-    parts = store.parts(node)
     digest = outputs_digest(outputs)
     tc = ctx.toolchain() if node.toolchain else None
     record = {
@@ -222,8 +232,42 @@ def _run_task(config_path: str, node_id: str):
         **result,
     }
     store.commit(record)
-    ctx.log(f"# done in {record['duration_s']} s")
+    ctx.log(f"# done in {record['duration_s']} s" + (" (pulled from the cache)" if pulled else ""))
+    standin = record.get("standin") or (record["toolchain"] or {}).get("standin")
+    if cache.settings.writes and not pulled and not standin:  # only what this machine built and proved
+        try:
+            ctx.log(f"cache: {cache.push(record, ctx.root, ctx.log)}")
+        except cache_mod.CacheUnavailable as e:
+            return TaskFailed(f"{node_id}: built, but {e}")
     return None
+
+
+def _pull(ctx: Context, cache, parts: dict) -> dict | None:
+    """The node's outputs from the cache, downloaded into the staging folder and checked against
+    the entry's sizes and sha256: what the record takes from the entry, or None (a miss)."""
+    from buildplan import cache as cache_mod
+
+    node = ctx.node
+    cache_key = cache_mod.key(parts)
+    entry = cache.lookup(node, cache_key)
+    if entry is None:
+        return None
+    moved = seconds = 0.0
+    try:
+        for role in node.outputs:
+            transfer = cache.fetch(entry, role, ctx.tmp(role))
+            moved, seconds = moved + transfer.bytes, seconds + transfer.seconds
+    except cache_mod.CacheMiss as e:
+        shutil.rmtree(ctx.staging / "out", ignore_errors=True)
+        message = f"cache {cache.name}: {node.id}: entry {cache_key[:16]} unusable ({e}): building it instead"
+        ctx.log(message)
+        print(f"warning: {message}", file=sys.stderr)
+        return None
+    ctx.log(f"pulled from the cache {cache.name}, key {cache_key}: {cache_mod.Transfer(int(moved), seconds)}")
+    kept = {k: v for k, v in entry["result"].items() if k not in cache_mod.LOCAL_FIELDS + cache_mod.IDENTITY_FIELDS}
+    return {**kept, "from_cache": {"cache": cache.name, "key": cache_key, "bytes": int(moved),
+                                   "seconds": round(seconds, 3), **entry["provenance"],
+                                   "build": entry.get("figures_of_build", {})}}
 
 
 def outputs_digest(outputs: dict) -> str:

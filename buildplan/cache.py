@@ -1,0 +1,450 @@
+"""The shared artifact cache: build once, pull everywhere.
+
+Two stores under one prefix, as Bazel's remote cache: `cas/<sha256>` holds output files by
+content, `ac/<key>.json` holds what an artifact is (its outputs' roles, sha256 and sizes, its
+figures, its toolchain, who built it where and when). The key is the artifact's fingerprint made
+portable: params, code hashes, toolchain identity, upstream content digests and the checkpoint's
+and calibration files' content hashes, plus FORMAT; no absolute path, host, user or PATH.
+
+Safe against poisoning: an entry is written only after the task succeeded and every gate
+passed, files first and the entry last, created only if absent (first writer wins); a stand-in
+build is never written. A hit is used only when every file downloads with the recorded size and
+sha256, into scratch space first; anything else is a miss, reported, and the artifact is built.
+A cache that cannot be reached degrades to local builds with one warning (BLIPC_CACHE_REQUIRED=1
+makes that a failure).
+"""
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from buildplan.core import BuildError, ConfigError
+from buildplan.files import utc_now
+
+FORMAT = "blipc-cache-1"  # the salt: bumping it disowns every entry written before
+MODES = ("off", "read", "write")
+CHUNK = 1 << 22
+MULTIPART = 64 << 20  # S3 uploads above this go in parallel parts; memory stays at a few chunks
+
+
+class CacheUnavailable(BuildError):
+    """The cache cannot be used at all (unreachable, refused credentials, no such bucket)."""
+
+
+class CacheSettings(NamedTuple):
+    url: str | None
+    mode: str  # off | read | write
+    required: bool  # an unavailable cache fails the build instead of a warning
+    where: str  # what set them: "models.yaml" or the environment variable
+
+    @property
+    def reads(self) -> bool:
+        return self.mode in ("read", "write") and bool(self.url)
+
+    @property
+    def writes(self) -> bool:
+        return self.mode == "write" and bool(self.url)
+
+
+def settings(configured: dict, config_file: str) -> CacheSettings:
+    """models.yaml's `cache:` block, overridden by BLIPC_CACHE_URL / BLIPC_CACHE_MODE /
+    BLIPC_CACHE_REQUIRED (CI sets them; credentials never come from either)."""
+    url = os.environ.get("BLIPC_CACHE_URL", configured.get("url"))
+    if "BLIPC_CACHE_URL" in os.environ and url:
+        check_url(url, "BLIPC_CACHE_URL", "environment")
+    mode = os.environ.get("BLIPC_CACHE_MODE", configured.get("mode") or ("read" if url else "off"))
+    where = "BLIPC_CACHE_MODE" if "BLIPC_CACHE_MODE" in os.environ else f"{config_file}: cache.mode"
+    if mode not in MODES:
+        raise ConfigError(where, "", f"unknown cache mode {mode!r}", f"allowed: {', '.join(MODES)}")
+    required = os.environ.get("BLIPC_CACHE_REQUIRED", "") not in ("", "0") or bool(configured.get("required"))
+    return CacheSettings(url or None, mode, required, where)
+
+
+def check_url(url: str, field: str, file: str) -> None:
+    """Refuse a URL no store can serve, before any work starts."""
+    if url.startswith("s3://"):
+        bucket = url[len("s3://"):].split("/", 1)[0]
+        if not bucket:
+            raise ConfigError(file, field, f"{url!r} names no bucket", "write s3://<bucket>[/<prefix>]")
+    elif "://" in url:
+        raise ConfigError(file, field, f"unknown cache scheme {url.split('://', 1)[0]!r} in {url!r}",
+                          "use s3://<bucket>[/<prefix>] or a directory path (a shared or network filesystem)")
+
+
+# --- keys and entries -------------------------------------------------------------------------
+def key(parts: dict) -> str:
+    """The artifact's cache key: its fingerprint parts without anything machine-specific (the
+    sources' paths; only their content hashes count)."""
+    portable = {"format": FORMAT, "params": parts["params"], "code": parts["code"], "toolchain": parts["toolchain"],
+                "inputs": parts["inputs"], "sources": sorted(str(v) for v in parts["sources"].values())}
+    return hashlib.sha256(json.dumps(portable, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# Record fields that describe the artifact (kept in an entry) rather than this build of it.
+LOCAL_FIELDS = ("fingerprint", "parts", "outputs", "roles", "duration_s", "finished_at", "host", "log",
+                "from_cache", "peak_rss_mb", "tool_peak_rss_mb")
+# Fields a pulled record computes itself, whatever an entry says.
+IDENTITY_FIELDS = ("node", "stage", "model", "labels", "digest", "toolchain")
+
+
+def entry_for(record: dict, cache_key: str) -> dict:
+    outputs = {role: {"path": rel, **{k: record["outputs"][rel][k] for k in ("sha256", "size")}}
+               for role, rel in record["roles"].items()}
+    return {"format": FORMAT, "key": cache_key, "node": record["node"], "digest": record["digest"], "outputs": outputs,
+            "result": {k: v for k, v in record.items() if k not in LOCAL_FIELDS},
+            "figures_of_build": {k: record[k] for k in ("duration_s", "peak_rss_mb", "tool_peak_rss_mb") if k in record},
+            "provenance": {"host": record.get("host") or socket.gethostname(), "user": _user(),
+                           "built_at": record.get("finished_at"), "uploaded_at": utc_now()}}
+
+
+def valid_entry(entry, node) -> bool:
+    return (isinstance(entry, dict) and entry.get("format") == FORMAT and entry.get("node") == node.id
+            and isinstance(entry.get("outputs"), dict) and set(entry["outputs"]) == set(node.outputs)
+            and all(isinstance(m, dict) and isinstance(m.get("sha256"), str) and len(m["sha256"]) == 64
+                    and isinstance(m.get("size"), int) for m in entry["outputs"].values())
+            and isinstance(entry.get("digest"), str) and isinstance(entry.get("result"), dict))
+
+
+def _user() -> str:
+    with contextlib.suppress(Exception):
+        return getpass.getuser()
+    return "unknown"
+
+
+# --- stores -------------------------------------------------------------------------------------
+class Transfer(NamedTuple):
+    bytes: int
+    seconds: float
+
+    def __str__(self):
+        return f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s ({self.bytes / 2**20 / max(self.seconds, 1e-6):.0f} MiB/s)"
+
+
+class DirStore:
+    """A directory, e.g. on a shared or network filesystem."""
+
+    def __init__(self, root: str):
+        self.root = Path(root).expanduser()
+        self.name = str(self.root)
+
+    def check(self, writing: bool) -> None:
+        if writing:
+            try:
+                (self.root / "ac").mkdir(parents=True, exist_ok=True)
+                (self.root / "cas").mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CacheUnavailable(f"cannot create {self.root}: {e.strerror}") from None
+            if not os.access(self.root / "cas", os.W_OK):
+                raise CacheUnavailable(f"{self.root} is not writable")
+        elif not (self.root / "ac").is_dir():
+            raise CacheUnavailable(f"{self.root} does not exist or is not a cache (no ac/ folder)")
+
+    def get_entry(self, cache_key: str) -> bytes | None:
+        try:
+            return (self.root / "ac" / f"{cache_key}.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put_entry(self, cache_key: str, data: bytes) -> bool:
+        """Create the entry if absent; False when another writer was first."""
+        final = self.root / "ac" / f"{cache_key}.json"
+        tmp = self._tmp(final, data)
+        try:
+            os.link(tmp, final)  # atomic, and fails if it exists: first writer wins
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def has_blob(self, sha: str, size: int) -> bool:
+        try:
+            return (self.root / "cas" / sha).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    def put_blob(self, sha: str, path: Path) -> Transfer:
+        start = time.monotonic()
+        final = self.root / "cas" / sha
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{sha[:16]}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                for chunk in iter(lambda: src.read(CHUNK), b""):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)  # same name, same content: a concurrent writer changes nothing
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return Transfer(path.stat().st_size, time.monotonic() - start)
+
+    def open_blob(self, sha: str):
+        try:
+            return open(self.root / "cas" / sha, "rb")
+        except FileNotFoundError:
+            return None
+
+    def entries(self):
+        for p in sorted((self.root / "ac").glob("*.json")):
+            yield p.stem
+
+    def blobs(self):
+        for p in sorted((self.root / "cas").iterdir()):
+            if not p.name.startswith("."):
+                yield p.name, p.stat().st_size
+
+    def delete(self, kind: str, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / kind / (f"{name}.json" if kind == "ac" else name)).unlink()
+
+    def _tmp(self, final: Path, data: bytes) -> str:
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+
+class S3Store:
+    """S3-compatible object storage through boto3 (AWS, MinIO, Ceph, SeaweedFS...). Credentials and
+    the endpoint come from boto3's standard chain (AWS_* variables, ~/.aws, instance roles;
+    AWS_ENDPOINT_URL for a non-AWS server), never from models.yaml."""
+
+    def __init__(self, url: str):
+        rest = url[len("s3://"):]
+        self.bucket, _, prefix = rest.partition("/")
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.name = url
+        import boto3
+        from botocore.config import Config
+
+        # short timeouts and few retries: an unreachable cache must cost seconds, not minutes
+        self.client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=60,
+                                                       retries={"max_attempts": 2, "mode": "standard"}))
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}{kind}/{name}" + (".json" if kind == "ac" else "")
+
+    def _call(self, fn, *args, **kwargs):
+        """fn(...), with what makes the whole cache unusable turned into CacheUnavailable."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        try:
+            return fn(*args, **kwargs)
+        except NoCredentialsError:
+            raise CacheUnavailable("no credentials (boto3 found none: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                                   "or a profile)") from None
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound") and code != "NoSuchBucket":
+                raise
+            if code in ("PreconditionFailed", "412"):
+                raise
+            if code == "NoSuchBucket":
+                raise CacheUnavailable(f"bucket {self.bucket!r} does not exist") from None
+            if status in (401, 403):
+                raise CacheUnavailable(f"credentials refused ({code or status})") from None
+            raise CacheUnavailable(f"{code or status}: {e}") from None
+        except BotoCoreError as e:
+            raise CacheUnavailable(str(e)) from None
+
+    def check(self, writing: bool) -> None:
+        self._call(self.client.head_bucket, Bucket=self.bucket)
+
+    def get_entry(self, cache_key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._call(self.client.get_object, Bucket=self.bucket, Key=self._key("ac", cache_key))["Body"].read()
+        except ClientError:
+            return None
+
+    def put_entry(self, cache_key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:  # create-only: If-None-Match makes the server refuse a second writer (412)
+            self._call(self.client.put_object, Bucket=self.bucket, Key=self._key("ac", cache_key), Body=data,
+                       IfNoneMatch="*", ContentType="application/json")
+            return True
+        except ClientError:
+            return False
+
+    def has_blob(self, sha: str, size: int) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self._call(self.client.head_object, Bucket=self.bucket, Key=self._key("cas", sha))
+            return head["ContentLength"] == size
+        except ClientError:
+            return False
+
+    def put_blob(self, sha: str, path: Path) -> Transfer:
+        from boto3.s3.transfer import TransferConfig
+
+        start = time.monotonic()
+        # streamed from the file, in parallel parts above MULTIPART: memory stays flat
+        self._call(self.client.upload_file, str(path), self.bucket, self._key("cas", sha),
+                   Config=TransferConfig(multipart_threshold=MULTIPART, multipart_chunksize=MULTIPART, max_concurrency=4))
+        return Transfer(path.stat().st_size, time.monotonic() - start)
+
+    def open_blob(self, sha: str):
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._call(self.client.get_object, Bucket=self.bucket, Key=self._key("cas", sha))["Body"]
+        except ClientError:
+            return None
+
+    def _list(self, kind: str):
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{kind}/")
+        for page in self._call(list, pages):
+            for obj in page.get("Contents", []):
+                yield obj["Key"].rsplit("/", 1)[1], obj["Size"]
+
+    def entries(self):
+        for name, _ in self._list("ac"):
+            if name.endswith(".json"):
+                yield name[:-len(".json")]
+
+    def blobs(self):
+        yield from self._list("cas")
+
+    def delete(self, kind: str, name: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(kind, name))
+
+
+def open_store(url: str):
+    return S3Store(url) if url.startswith("s3://") else DirStore(url)
+
+
+# --- the cache as the build uses it --------------------------------------------------------------
+class Cache:
+    """One per process. Unavailable at the first failure: one warning, then local builds only."""
+
+    def __init__(self, cache_settings: CacheSettings):
+        self.settings = cache_settings
+        self.store = open_store(cache_settings.url) if cache_settings.reads else None
+        self.problem: str | None = None
+        self._checked = False
+
+    @property
+    def name(self) -> str:
+        return self.settings.url or "(none)"
+
+    def usable(self) -> bool:
+        if self.store is None or self.problem:
+            return False
+        if not self._checked:
+            self._checked = True
+            try:
+                self.store.check(self.settings.writes)
+            except CacheUnavailable as e:
+                self.unavailable(str(e))
+                return False
+        return True
+
+    def unavailable(self, reason: str) -> None:
+        """Give up on the cache for this process: one warning, or a failure if it is required."""
+        if self.problem is None:
+            self.problem = reason
+            if self.settings.required:
+                raise CacheUnavailable(f"cache {self.name} unavailable: {reason} (BLIPC_CACHE_REQUIRED is set)")
+            print(f"warning: cache {self.name} unavailable: {reason}; building locally", file=sys.stderr)
+
+    def lookup(self, node, cache_key: str) -> dict | None:
+        if not self.usable():
+            return None
+        try:
+            raw = self.store.get_entry(cache_key)
+        except CacheUnavailable as e:
+            self.unavailable(str(e))
+            return None
+        if raw is None:
+            return None
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            entry = None
+        if not valid_entry(entry, node) or entry["key"] != cache_key:
+            print(f"warning: cache {self.name}: entry {cache_key[:16]} for {node.id} is damaged: ignored",
+                  file=sys.stderr)
+            return None
+        return entry
+
+    def fetch(self, entry: dict, role: str, dest: Path) -> Transfer:
+        """Download one output to dest, checking size and sha256 as it streams. Raises
+        CacheMiss when the file is missing or not what the entry says."""
+        meta = entry["outputs"][role]
+        start = time.monotonic()
+        try:
+            body = self.store.open_blob(meta["sha256"])
+            if body is None:
+                raise CacheMiss(f"{meta['path']}: file {meta['sha256'][:16]} missing from the cache")
+            h, size = hashlib.sha256(), 0
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with body, open(dest, "wb") as out:
+                for chunk in iter(lambda: body.read(CHUNK), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+        except CacheUnavailable as e:
+            self.unavailable(str(e))
+            raise CacheMiss(f"cache unavailable: {e}") from None
+        except OSError as e:
+            if getattr(e, "errno", None) is None:  # a connection dropped mid-stream (urllib3 errors)
+                self.unavailable(f"download failed: {e}")
+                raise CacheMiss(f"download of {meta['path']} failed: {e}") from None
+            raise
+        except Exception as e:  # noqa: BLE001 - a dropped connection surfaces as many types
+            if type(e).__module__.split(".")[0] in ("urllib3", "botocore", "http"):
+                self.unavailable(f"download failed: {type(e).__name__}")
+                raise CacheMiss(f"download of {meta['path']} failed: {type(e).__name__}") from None
+            raise
+        if size != meta["size"] or h.hexdigest() != meta["sha256"]:
+            raise CacheMiss(f"{meta['path']}: corrupt in the cache ({size} bytes, sha256 {h.hexdigest()[:16]}; "
+                            f"the entry says {meta['size']} bytes, {meta['sha256'][:16]})")
+        return Transfer(size, time.monotonic() - start)
+
+    def push(self, record: dict, root: Path, log=print) -> str:
+        """Upload a committed, successful record's outputs, then its entry (created only if
+        absent). Returns what happened, for the log."""
+        if not self.usable():
+            return "cache unavailable"
+        cache_key = key(record["parts"])
+        try:
+            for rel, meta in record["outputs"].items():
+                if self.store.has_blob(meta["sha256"], meta["size"]):
+                    continue
+                log(f"cache: uploading {rel}: {self.store.put_blob(meta['sha256'], root / rel)}")
+            created = self.store.put_entry(cache_key, json.dumps(entry_for(record, cache_key), indent=1).encode())
+        except CacheUnavailable as e:
+            self.unavailable(str(e))
+            return f"not uploaded: {e}"
+        return f"uploaded as {cache_key[:16]}" if created else f"already in the cache as {cache_key[:16]} (another writer was first)"
+
+
+class CacheMiss(Exception):
+    """A hit that cannot be used: a file missing or corrupt, or the transfer failed."""
+
+
+_CACHES: dict = {}
+
+
+def for_config(config) -> Cache:
+    """The process's cache for a config (models.yaml's `cache:` block and the environment)."""
+    if config.path not in _CACHES:
+        _CACHES[config.path] = Cache(settings(config.cache, config.path))
+    return _CACHES[config.path]
