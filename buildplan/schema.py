@@ -12,6 +12,7 @@ import sys
 
 from buildplan import files
 from buildplan.backends import registry
+from buildplan.cache import MODES
 from buildplan.core import Setting
 from export.presets import ARCHS, TASKS
 from export.specs import graphs_for_task
@@ -98,6 +99,12 @@ def schema() -> dict:
         "properties": {
             "artifacts": {"type": "string", "default": "artifacts"},
             "toolchains": {"type": "object", "additionalProperties": False, "properties": toolchains},
+            "cache": {"type": "object", "additionalProperties": False,
+                      "description": "the shared artifact cache (BLIPC_CACHE_URL / BLIPC_CACHE_MODE override)",
+                      "properties": {
+                          "url": {"type": "string", "description": "s3://bucket/prefix, or a directory"},
+                          "mode": {"enum": list(MODES), "description": "write: CI and nightly machines; read: developers"},
+                          "required": {"type": "boolean", "description": "fail instead of building locally when unreachable"}}},
             "models": {"type": "array", "minItems": 1, "items": model},
         },
     }
