@@ -7,6 +7,7 @@
     doit nightly              build all, continue past failures, dated HTML/JSON report
     doit config=FILE ...      use another models.yaml (or BLIPC_CONFIG=FILE)
 """
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,16 @@ else:
     _session.store_for(CONFIG_PATH, PLAN)
     _snapshot.take_at_exit(CONFIG_PATH, PLAN)
 sys.dont_write_bytecode = _dont_write_bytecode
+
+if any(k.startswith("BLIPC_CACHE_") for k in os.environ):  # the cache's environment, checked before any work
+    from buildplan.cache import settings as _cache_settings
+    from buildplan.core import ConfigError as _ConfigError
+
+    try:
+        _cache_settings({}, CONFIG_PATH)
+    except _ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 _lock.hold_if_building(_ROOT, sys.argv[1:])
 if not _SNAPSHOT and _lock.holding():

@@ -402,7 +402,7 @@ class Cache:
                     out.write(chunk)
         except CacheUnavailable as e:
             self.unavailable(str(e))
-            raise CacheMiss(f"cache unavailable: {e}") from None
+            raise CacheMiss(f"the cache stopped answering: {e}") from None
         except OSError as e:
             if getattr(e, "errno", None) is None:  # a connection dropped mid-stream (urllib3 errors)
                 self.unavailable(f"download failed: {e}")

@@ -265,7 +265,8 @@ def _cache(c: _Checker, raw, base_dir: Path) -> dict:
         out["url"] = url if url.startswith("s3://") else str(_usable_path(c, url, "cache.url", base_dir,
                                                                           "a directory path", folder=True))
     if block.get("mode") is not None:
-        out["mode"] = c.choice(block["mode"], "cache.mode", MODES, "cache mode")
+        # YAML 1.1 reads a bare `off` as false: that is what the user wrote
+        out["mode"] = "off" if block["mode"] is False else c.choice(block["mode"], "cache.mode", MODES, "cache mode")
     if block.get("required") is not None:
         out["required"] = c.typed(block["required"], "cache.required", bool, "true or false")
     return out
