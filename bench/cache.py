@@ -1,0 +1,101 @@
+"""Shared cache: the default matrix built from scratch (writing the cache) vs pulled from it into
+an empty artifacts/, in one run: wall time, bytes moved, peak memory of the doit process.
+
+    .venv/bin/python bench/cache.py [--s3]      # --s3: a SeaweedFS server on 127.0.0.1 instead of a directory
+
+Every target this machine can build (ATC is absent here: its OMs are skipped). Works in
+artifacts-bench/cache/ (git-ignored).
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: Path, env: dict) -> tuple[float, float, subprocess.CompletedProcess]:
+    """One `doit` in a child: wall seconds, its peak RSS in MiB (children's maximum, so one child
+    per measurement: each run is measured by a fresh launcher process)."""
+    launcher = ("import resource, subprocess, sys, time, json\n"
+                "t = time.perf_counter()\n"
+                "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+                "wall = time.perf_counter() - t\n"
+                "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+                "print(json.dumps({'wall': wall, 'peak': peak, 'rc': p.returncode, 'out': p.stdout[-3000:], "
+                "'err': p.stderr[-3000:]}))")
+    proc = subprocess.run([sys.executable, "-c", launcher, str(BIN / "doit"), f"config={cfg}"], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True)
+    result = json.loads(proc.stdout)
+    if result["rc"] != 0:
+        sys.exit(f"doit failed:\n{result['out']}\n{result['err']}")
+    return result["wall"], result["peak"], result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--s3", action="store_true", help="use a SeaweedFS S3 server on 127.0.0.1")
+    args = ap.parse_args()
+    work = REPO / "artifacts-bench" / "cache"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    raw = yaml.safe_load((REPO / "models.yaml").read_text())
+    env, server = {}, None
+    if args.s3:
+        port = _free_port()
+        keys = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+        server = subprocess.Popen([str(BIN / "weed"), "mini", f"-dir={work / 'seaweed'}", "-ip=127.0.0.1",
+                                   "-ip.bind=127.0.0.1", f"-s3.port={port}", "-master.telemetry=false", "-bucket=bench",
+                                   *(f"-{n}.port={_free_port()}" for n in ("master", "volume", "filer", "admin"))],
+                                  env={**os.environ, **keys}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        (work / "seaweed").mkdir(exist_ok=True)
+        env = {**keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        url = "s3://bench/blipc"
+        time.sleep(5)
+    else:
+        url = str(work / "cache")
+    try:
+        results = {}
+        for name, mode in (("build", "write"), ("pull", "read")):
+            cfg = work / f"{name}.yaml"
+            cfg.write_text(yaml.safe_dump({**raw, "artifacts": str(work / name), "cache": {"url": url, "mode": mode}},
+                                          sort_keys=False))
+            wall, peak, _ = run(cfg, env)
+            state = work / name / ".state"
+            recs = [json.loads(p.read_text()) for p in state.glob("*.json") if p.name not in ("hashcache.json", "verdicts.json")]
+            pulled = [r for r in recs if "from_cache" in r]
+            results[name] = {"wall": wall, "peak": peak, "artifacts": len(recs), "pulled": len(pulled),
+                             "bytes": sum(r["from_cache"]["bytes"] for r in pulled),
+                             "stored": sum(m["size"] for r in recs for m in r["outputs"].values())}
+        b, p = results["build"], results["pull"]
+        print(f"cache: {url}")
+        print(f"{'':22} {'wall':>9} {'peak RSS':>9} {'artifacts':>10} {'moved':>10}")
+        print(f"{'build from scratch':22} {b['wall']:8.1f}s {b['peak']:7.0f}MB {b['artifacts']:10d} "
+              f"{b['stored'] / 2**20:8.1f}MB (uploaded)")
+        print(f"{'pull into empty dir':22} {p['wall']:8.1f}s {p['peak']:7.0f}MB {p['pulled']:10d} "
+              f"{p['bytes'] / 2**20:8.1f}MB (downloaded)")
+        print(f"pull / build: {p['wall'] / b['wall'] * 100:.1f}% of the time")
+    finally:
+        if server:
+            os.killpg(server.pid, 15)
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
