@@ -65,6 +65,7 @@ DOIT_CONFIG = {
     "dep_file": str(Path(_ROOT) / ".doit.db"),  # beside the artifacts it describes, wherever models.yaml puts them
     "backend": "safejson",  # buildplan/doitdb.py: atomic, a damaged file never stops a build
     "verbosity": 1,
+    "reporter": "blipc",  # buildplan/console.py: a line per task, a live ETA, a summary
 }
 
 

@@ -16,6 +16,17 @@ def _plan():
     return dodo.PLAN
 
 
+def _print_to_a_pipe(text: str) -> None:
+    """print(), quiet when the reader has gone (`doit stale --json | head`)."""
+    import os
+
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # the interpreter flushes stdout again at exit: point it at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class Stale(DoitCmdBase):
     name = "stale"
     doc_purpose = "list declared artifacts that are missing or out of date, with reasons"
@@ -35,11 +46,10 @@ class Stale(DoitCmdBase):
         plan = _plan()
         stale = report.stale_nodes(plan)
         in_cache = report.in_cache(plan, stale) if remote else None
-        if as_json:
-            print(json.dumps(report.as_json(plan, stale, in_cache), indent=1))
-        else:
-            print(report.as_text(plan, stale, in_cache))
         self.dep_manager.close()
+        text = json.dumps(report.as_json(plan, stale, in_cache), indent=1) if as_json else \
+            report.as_text(plan, stale, in_cache)
+        _print_to_a_pipe(text)
         return 1 if (check and stale) else 0
 
 

@@ -30,6 +30,27 @@ def group_key(plan: Plan, node_id: str) -> str:
     return " / ".join(parts)
 
 
+def _order(plan: Plan, group: str) -> tuple:
+    """Groups in reading order: batch sizes as numbers (bs4 before bs16), not as text."""
+    *words, batch = group.split(" / ")
+    numbers = [int(b) for b in batch[2:].split(",")] if batch.startswith("bs") else []
+    return (*words, numbers)
+
+
+def skipped_targets(plan: Plan, stale: dict[str, list[dict]]) -> dict[str, dict]:
+    """Targets whose toolchain this machine lacks: target -> {reason, artifacts}. Their artifacts
+    all share that one reason, so it is said once per target."""
+    from buildplan import backends
+
+    out: dict[str, dict] = {}
+    for target, backend in plan.target_backend.items():
+        tc = backends.toolchain(backend, plan.config)
+        if not tc.available:
+            out[target] = {"reason": tc.problem, "artifacts": [i for i in stale
+                                                                if plan.nodes[i].labels.get("target") == target]}
+    return out
+
+
 def in_cache(plan: Plan, stale: dict[str, list[dict]]) -> dict[str, bool | None]:
     """Per stale node, whether the shared cache has it: True, False, or None when that cannot be
     known yet (an upstream artifact is neither built nor cached, so its content is unknown). An
@@ -60,14 +81,19 @@ def in_cache(plan: Plan, stale: dict[str, list[dict]]) -> dict[str, bool | None]
 
 
 def as_json(plan: Plan, stale: dict[str, list[dict]], cached: dict | None = None) -> dict:
+    skipped = skipped_targets(plan, stale)
+    hidden = {i for s in skipped.values() for i in s["artifacts"]}
     items = []
     for node_id, reasons in stale.items():
+        if node_id in hidden:
+            continue
         n = plan.nodes[node_id]
         items.append({"node": node_id, "stage": n.stage, "model": n.model, "labels": n.labels,
                       "outputs": list(n.paths), "group": group_key(plan, node_id),
                       "reasons": [r["text"] for r in reasons], "reason_kinds": sorted({r["kind"] for r in reasons}),
                       **({"in_cache": cached.get(node_id)} if cached is not None else {})})
-    return {"declared": len(plan.nodes), "stale": len(items), "artifacts": items}
+    return {"declared": len(plan.nodes), "stale": len(stale), "artifacts": items,
+            "skipped_targets": {t: {"reason": s["reason"], "artifacts": len(s["artifacts"])} for t, s in skipped.items()}}
 
 
 _CACHED_TEXT = {True: "in the cache: a pull, not a build", False: "not in the cache",
@@ -77,11 +103,18 @@ _CACHED_TEXT = {True: "in the cache: a pull, not a build", False: "not in the ca
 def as_text(plan: Plan, stale: dict[str, list[dict]], cached: dict | None = None) -> str:
     if not stale:
         return f"all {len(plan.nodes)} declared artifacts are up to date"
+    skipped = skipped_targets(plan, stale)
+    hidden = {i for s in skipped.values() for i in s["artifacts"]}
     by_group: dict[str, list[str]] = {}
     for node_id in stale:
-        by_group.setdefault(group_key(plan, node_id), []).append(node_id)
+        if node_id not in hidden:
+            by_group.setdefault(group_key(plan, node_id), []).append(node_id)
     lines = [f"{len(stale)} of {len(plan.nodes)} declared artifacts are missing or out of date", ""]
-    for group in sorted(by_group):
+    for target, s in sorted(skipped.items()):
+        lines.append(f"{target}: {len(s['artifacts'])} artifacts not buildable on this machine: {s['reason']}")
+    if skipped:
+        lines.append("")
+    for group in sorted(by_group, key=lambda g: _order(plan, g)):
         lines.append(group)
         for node_id in by_group[group]:
             lines.append(f"  {node_id}  ->  {plan.nodes[node_id].main_output}"

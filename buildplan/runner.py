@@ -101,6 +101,33 @@ class Context:
         return output
 
 
+@contextlib.contextmanager
+def tool_output_to(log_path: Path):
+    """Send everything the stage's libraries print (onnxsim, ONNX Runtime's C++ logger, torch's
+    exporter, Python warnings) to the task's log, at the file-descriptor level, so the console
+    shows the build, not their chatter. BLIPC_VERBOSE=1 leaves it on the console."""
+    if os.environ.get("BLIPC_VERBOSE", "") not in ("", "0"):
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(log_path, "ab") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 def _reset_peak_rss() -> bool:
     """Start this process's peak-RSS count afresh (Linux: VmHWM), so a stage that runs inside the
     doit process (export, simplify) gets its own peak, not the process's earlier one."""
@@ -187,7 +214,8 @@ def _run_task(config_path: str, node_id: str, build: bool):
                 shutil.rmtree(ctx.staging, ignore_errors=True)
                 return False
             module, func = node.action.split(":")
-            result = getattr(importlib.import_module(module), func)(node, ctx) or {}
+            with tool_output_to(ctx.log_path):
+                result = getattr(importlib.import_module(module), func)(node, ctx) or {}
         outputs = {}
         for rel in node.paths:
             staged = ctx.staging / "out" / rel

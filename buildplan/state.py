@@ -189,7 +189,9 @@ class Store:
             elif not reasons:
                 reasons.append({"kind": "never_built", "text": "no build record (never built, failed or interrupted)"})
             elif all(r["kind"] in ("output_missing", "toolchain_missing") for r in reasons):
-                reasons.insert(0, {"kind": "never_built", "text": "not built yet"})
+                # never built: its outputs are missing by definition, one reason says it
+                reasons = [{"kind": "never_built", "text": "not built yet"},
+                           *(r for r in reasons if r["kind"] == "toolchain_missing")]
             return reasons
         now = self.parts(node)
         if self.fingerprint(now) != rec["fingerprint"]:

@@ -45,7 +45,7 @@ def doit(cfg: Path, *args, atc: bool = False, env: dict | None = None, check: bo
 
 def executed(proc) -> list[str]:
     """Task names doit actually ran ('.  name' lines)."""
-    return [line[3:].strip() for line in proc.stdout.splitlines() if line.startswith(".  ")]
+    return [line[3:].split()[0] for line in proc.stdout.splitlines() if line.startswith(".  ")]
 
 
 @pytest.fixture

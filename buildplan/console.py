@@ -1,0 +1,151 @@
+"""The build as a person sees it: one line per task that ran (status, time, key figure), a live
+line with elapsed time and an ETA (from the duration the last build of the same artifact took)
+while a task runs on a terminal, and a closing summary.
+
+A doit reporter plugin ("blipc", registered in pyproject.toml). Plain ANSI, no terminal library:
+the reporter is loaded by every `doit`, a no-op included, and rich's import alone would cost
+more than the whole no-op budget allows. Without a terminal (CI logs) there is no live line.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from doit.reporter import ConsoleReporter
+
+
+def _root():
+    dodo = sys.modules.get("dodo")
+    return getattr(dodo, "_ROOT", None)
+
+
+def _record(root, node_id: str) -> dict | None:
+    from buildplan.files import read_json, safe_name
+
+    return read_json(f"{root}/.state/{safe_name(node_id)}.json") if root else None
+
+
+def key_figure(rec: dict | None) -> str:
+    """What a person wants to see of a finished artifact, in a few words."""
+    if not rec:
+        return ""
+    words = []
+    if "from_cache" in rec:
+        words.append(f"pulled from the cache ({rec['from_cache'].get('bytes', 0) / 2**20:.1f} MiB)")
+    figures = rec.get("figures") or {}
+    for name in ("bmodel_vs_onnx", "ort_vs_onnx", "top_mlir_vs_onnx", "simplified_vs_raw"):
+        f = figures.get(name)
+        if isinstance(f, dict) and "cosine" in f:
+            words.append(f"match {f['match']:.0%}" if "match" in f else f"cosine {f['cosine']:.6f}")
+            break
+    if rec.get("standin") or (rec.get("toolchain") or {}).get("standin"):
+        words.append("STAND-IN, not a real compile")
+    size = sum(o.get("size", 0) for o in (rec.get("outputs") or {}).values())
+    if size:
+        words.append(f"{size / 2**20:.1f} MiB")
+    return ", ".join(words)
+
+
+class BuildReporter(ConsoleReporter):
+    desc = "one line per task, a live line with an ETA on a terminal, and a summary"
+
+    def __init__(self, outstream, options):
+        super().__init__(outstream, options)
+        self.tty = hasattr(outstream, "isatty") and outstream.isatty()
+        self.started = time.monotonic()
+        self.running: dict[str, tuple[float, float | None]] = {}  # task -> (start, expected seconds)
+        self.built: list[str] = []
+        self.pulled = 0
+        self.up_to_date = 0
+        self.failed: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._ticker: threading.Thread | None = None
+        self._live = False
+
+    # --- doit's callbacks -------------------------------------------------------------
+    def execute_task(self, task):
+        if not task.actions or task.name.startswith(("_", "toolchain:", "default")):
+            return
+        rec = _record(_root(), task.name)
+        with self._lock:
+            self.running[task.name] = (time.monotonic(), rec.get("duration_s") if rec else None)
+        if self.tty and self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
+
+    def add_success(self, task):
+        start = self._finish(task.name)
+        if start is None:
+            return
+        rec = _record(_root(), task.name)
+        self.built.append(task.name)
+        self.pulled += bool(rec and "from_cache" in rec)
+        figure = key_figure(rec)
+        self._line(f".  {task.name}  {time.monotonic() - start:.1f} s" + (f"  {figure}" if figure else ""))
+
+    def add_failure(self, task, fail):
+        start = self._finish(task.name)
+        if not fail.report:
+            return
+        first, *rest = (fail.get_msg().strip() or fail.get_name()).splitlines()
+        log = next((line.strip()[len("log: "):] for line in rest if line.strip().startswith("log: ")), "")
+        self.failed.append((task.name, log))
+        took = f"  {time.monotonic() - start:.1f} s" if start is not None else ""
+        self._line(f"F  {task.name}{took}  {first}" + "".join(f"\n   {line.strip()}" for line in rest if line.strip()))
+
+    def skip_uptodate(self, task):
+        if task.actions and ":" in task.name and not task.name.startswith("toolchain:"):
+            self.up_to_date += 1
+
+    def skip_ignore(self, task):
+        pass
+
+    def complete_run(self):
+        self._clear_live()
+        if not (self.built or self.failed) and not self.runtime_errors:
+            self.write(f"nothing to do: {self.up_to_date} artifacts up to date\n" if self.up_to_date else "")
+            return
+        parts = [f"built {len(self.built) - self.pulled}"] + ([f"pulled {self.pulled}"] if self.pulled else []) + \
+            [f"up to date {self.up_to_date}", f"failed {len(self.failed)}"]
+        self.write(f"summary: {', '.join(parts)} in {time.monotonic() - self.started:.1f} s; "
+                   f"artifacts in {_root()}\n")
+        for name, log in self.failed:
+            self.write(f"  failed {name}" + (f": log {log}" if log else "") + "\n")
+        if self.runtime_errors:
+            self.write("Execution aborted.\n" + "\n".join(self.runtime_errors) + "\n")
+
+    # --- the live line -----------------------------------------------------------------
+    def _finish(self, name: str) -> float | None:
+        with self._lock:
+            entry = self.running.pop(name, None)
+        return entry[0] if entry else None
+
+    def _line(self, text: str) -> None:
+        with self._lock:
+            self._clear_live()
+            self.write(text + "\n")
+            self.outstream.flush()
+
+    def _clear_live(self) -> None:
+        if self._live:
+            self.outstream.write("\r\033[K")
+            self._live = False
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(1)
+            with self._lock:
+                if not self.running:
+                    continue
+                now = time.monotonic()
+                shown = []
+                for name, (start, expected) in list(self.running.items())[:3]:
+                    elapsed = now - start
+                    eta = f", ~{max(expected - elapsed, 0):.0f} s left" if expected else ""
+                    shown.append(f"{name} {elapsed:.0f} s{eta}")
+                width = 200
+                self.outstream.write("\r\033[K> " + " | ".join(shown)[:width])
+                self.outstream.flush()
+                self._live = True
+
