@@ -20,6 +20,11 @@ def _root():
     return getattr(dodo, "_ROOT", None)
 
 
+def _skipped_targets() -> dict:
+    specs = getattr(sys.modules.get("dodo"), "_SPECS", None) or []
+    return next((spec.get("skipped", {}) for spec in specs if spec.get("basename") == "default"), {})
+
+
 def _record(root, node_id: str) -> dict | None:
     from buildplan.files import read_json, safe_name
 
@@ -59,6 +64,8 @@ class BuildReporter(ConsoleReporter):
         self.pulled = 0
         self.up_to_date = 0
         self.failed: list[tuple[str, str]] = []
+        self.blocked = 0  # artifacts not attempted: something they need failed
+        self.default_ran = False
         self._lock = threading.Lock()
         self._ticker: threading.Thread | None = None
         self._live = False
@@ -75,6 +82,7 @@ class BuildReporter(ConsoleReporter):
             self._ticker.start()
 
     def add_success(self, task):
+        self.default_ran |= task.name == "default"
         start = self._finish(task.name)
         if start is None:
             return
@@ -87,6 +95,9 @@ class BuildReporter(ConsoleReporter):
     def add_failure(self, task, fail):
         start = self._finish(task.name)
         if not fail.report:
+            return
+        if fail.get_name() == "UnmetDependency":  # not attempted: its own failure was already shown
+            self.blocked += ":" in task.name and not task.name.startswith(("compile:", "export:"))
             return
         first, *rest = (fail.get_msg().strip() or fail.get_name()).splitlines()
         log = next((line.strip()[len("log: "):] for line in rest if line.strip().startswith("log: ")), "")
@@ -107,11 +118,15 @@ class BuildReporter(ConsoleReporter):
             self.write(f"nothing to do: {self.up_to_date} artifacts up to date\n" if self.up_to_date else "")
             return
         parts = [f"built {len(self.built) - self.pulled}"] + ([f"pulled {self.pulled}"] if self.pulled else []) + \
-            [f"up to date {self.up_to_date}", f"failed {len(self.failed)}"]
+            [f"up to date {self.up_to_date}", f"failed {len(self.failed)}"] + \
+            ([f"not attempted {self.blocked} (they need what failed)"] if self.blocked else [])
         self.write(f"summary: {', '.join(parts)} in {time.monotonic() - self.started:.1f} s; "
                    f"artifacts in {_root()}\n")
         for name, log in self.failed:
             self.write(f"  failed {name}" + (f": log {log}" if log else "") + "\n")
+        if not self.default_ran:  # the default task says this itself when it gets to run
+            for target, why in _skipped_targets().items():
+                self.write(f"  skipped compile:{target}: {why}\n")
         if self.runtime_errors:
             self.write("Execution aborted.\n" + "\n".join(self.runtime_errors) + "\n")
 
