@@ -169,7 +169,7 @@ class CacheCommand(DoitCmdBase):
         "verify: re-hash every stored file; report corrupt files and entries whose files are missing "
         "(--fix deletes them).\n"
         "gc: delete stored files no entry refers to.\n"
-        "TASK may be a node (bmodel:...) or a group (compile:bm1684x, export:retrieval); default: all declared.")
+        "TASK may be a node or a group (compile:<target>, export:<model>); default: all declared.")
     cmd_options = (
         {"name": "fix", "long": "fix", "type": bool, "default": False, "help": "verify: delete what is damaged"},
         {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "gc: only list"},

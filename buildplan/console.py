@@ -31,6 +31,12 @@ def _record(root, node_id: str) -> dict | None:
     return read_json(f"{root}/.state/{safe_name(node_id)}.json") if root else None
 
 
+def acceptance(figures) -> dict | None:
+    """The artifact's own acceptance against its reference: the first figure with a cosine (each
+    stage records its own comparison first)."""
+    return next((f for f in (figures or {}).values() if isinstance(f, dict) and "cosine" in f), None)
+
+
 def key_figure(rec: dict | None) -> str:
     """What a person wants to see of a finished artifact, in a few words."""
     if not rec:
@@ -38,12 +44,9 @@ def key_figure(rec: dict | None) -> str:
     words = []
     if "from_cache" in rec:
         words.append(f"pulled from the cache ({rec['from_cache'].get('bytes', 0) / 2**20:.1f} MiB)")
-    figures = rec.get("figures") or {}
-    for name in ("bmodel_vs_onnx", "ort_vs_onnx", "top_mlir_vs_onnx", "simplified_vs_raw"):
-        f = figures.get(name)
-        if isinstance(f, dict) and "cosine" in f:
-            words.append(f"match {f['match']:.0%}" if "match" in f else f"cosine {f['cosine']:.6f}")
-            break
+    figure = acceptance(rec.get("figures"))
+    if figure:
+        words.append(f"match {figure['match']:.0%}" if "match" in figure else f"cosine {figure['cosine']:.6f}")
     if rec.get("standin") or (rec.get("toolchain") or {}).get("standin"):
         words.append("STAND-IN, not a real compile")
     size = sum(o.get("size", 0) for o in (rec.get("outputs") or {}).values())

@@ -50,11 +50,10 @@ def _status(store: Store, node, started: str, skipped: dict[str, str]) -> dict:
 
 def _accuracy(figures) -> dict:
     """The artifact's own acceptance against its reference: worst cosine and relative error."""
-    for name in ("bmodel_vs_onnx", "ort_vs_onnx", "top_mlir_vs_onnx", "simplified_vs_raw"):
-        f = (figures or {}).get(name)
-        if isinstance(f, dict) and "cosine" in f:
-            return {"one_minus_cosine": max(0.0, 1.0 - f["cosine"]), "rel_max_abs": f.get("rel_max_abs")}
-    return {}
+    from buildplan.console import acceptance
+
+    f = acceptance(figures)
+    return {"one_minus_cosine": max(0.0, 1.0 - f["cosine"]), "rel_max_abs": f.get("rel_max_abs")} if f else {}
 
 
 def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: str | None,
