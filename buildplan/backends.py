@@ -10,6 +10,7 @@
     detect(settings) -> (toolchains.Toolchain, watched paths)   find it and say which build it is
     declare(plan, model, dims, target, exported)                  add its nodes to the plan
     STAGE_DOCS  stage name -> one line, for `doit list`
+    MEMORY_MB   stage name -> {arch: MB} a task needs before it was measured (optional; Dask builds)
 
 and the run functions its nodes name as actions.
 """
@@ -97,3 +98,13 @@ def reset_toolchains():
     _python.cache_clear()
     _backend_toolchain.cache_clear()
     WATCHED.clear()
+
+
+def memory_estimate(stage: str, arch: str | None) -> float | None:
+    """MB a task of `stage` needs for a model of `arch` before it was ever measured: what the stage
+    or backend module declares in MEMORY_MB ({stage: {arch: MB}}), from the figures in the README."""
+    for module in [*export_stages(), *registry().values()]:
+        table = getattr(module, "MEMORY_MB", {}).get(stage)
+        if table:
+            return table.get(arch) or max(table.values())
+    return None

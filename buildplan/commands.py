@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from doit.cmd_base import DoitCmdBase
-from doit.cmd_run import Run
+
+from buildplan.distributed import DaskRun
 
 
 def _plan():
@@ -124,12 +125,12 @@ class Prune(DoitCmdBase):
         return 0
 
 
-class Nightly(Run):
+class Nightly(DaskRun):
     name = "nightly"
     doc_purpose = "build everything declared, continue past failures, write a dated JSON + HTML report"
     doc_usage = "[-n N] [--report-dir DIR]"
     doc_description = "Exit status 1 when any artifact failed. Targets without a toolchain are reported as skipped."
-    cmd_options = Run.cmd_options + (
+    cmd_options = DaskRun.cmd_options + (
         {"name": "report_dir", "long": "report-dir", "type": str, "default": "",
          "help": "where reports go (default: <artifacts>/reports)"},
     )

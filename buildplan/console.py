@@ -49,6 +49,8 @@ def key_figure(rec: dict | None) -> str:
         words.append(f"match {figure['match']:.0%}" if "match" in figure else f"cosine {figure['cosine']:.6f}")
     if rec.get("standin") or (rec.get("toolchain") or {}).get("standin"):
         words.append("STAND-IN, not a real compile")
+    if rec.get("worker") is not None:
+        words.append(f"on worker {rec['worker']}")
     size = sum(o.get("size", 0) for o in (rec.get("outputs") or {}).values())
     if size:
         words.append(f"{size / 2**20:.1f} MiB")

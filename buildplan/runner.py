@@ -172,7 +172,11 @@ def run_task(config_path: str, node_id: str, build: bool = True):
     build=False only pulls from the cache (`doit cache pull`): False when it was not there."""
     from doit.exceptions import TaskFailed
 
+    from buildplan import distributed
+
     try:
+        if build and distributed.active():  # `-P dask`: the work on a worker, the record here
+            return distributed.run_remote(config_path, node_id)
         return _run_task(config_path, node_id, build)
     except OSError as e:  # out of space before or after the stage itself (log, record, manifest)
         full = _out_of_space(e)
@@ -257,6 +261,7 @@ def _run_task(config_path: str, node_id: str, build: bool):
         # the doit process itself while this task ran (the stage's own work: export, gates, onnxsim)
         **({"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1)} if peak_is_own else {}),
         "log": str(ctx.log_path.relative_to(ctx.root)),
+        **({"worker": os.environ["BLIPC_WORKER_NAME"]} if os.environ.get("BLIPC_WORKER_NAME") else {}),
         **result,
     }
     store.commit(record)

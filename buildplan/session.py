@@ -6,6 +6,8 @@ share it: a process never expands the same config twice.
 """
 from __future__ import annotations
 
+import os
+
 _STORES: dict = {}  # config path -> Store
 
 
@@ -18,7 +20,10 @@ def store_for(config_path: str, plan=None):
             from buildplan import config
             from buildplan.plan import build_plan
 
-            plan = build_plan(config.load(config_path))
+            loaded = config.load(config_path)
+            if os.environ.get("BLIPC_WORKER_ARTIFACTS"):  # a Dask worker keeping its own artifacts/
+                loaded = loaded._replace(artifacts=os.path.abspath(os.environ["BLIPC_WORKER_ARTIFACTS"]))
+            plan = build_plan(loaded)
         _STORES[config_path] = Store(plan)
     return _STORES[config_path]
 

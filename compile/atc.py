@@ -53,6 +53,7 @@ SETTINGS = (
 )
 ENVIRONMENT = ("ASCEND_TOOLKIT_HOME",)  # read by detect(); the no-op snapshot watches them
 STAGE_DOCS = {"om": "Ascend OM"}
+MEMORY_MB = {"om": {"tiny": 1000, "base": 8000}}  # a guess: ATC cannot run here to be measured
 STANDIN_MARK = b"BLIPC-ATC-STANDIN"  # first bytes of what the test stand-in writes
 HOWTO = ("install the Ascend CANN toolkit and `source <install>/ascend-toolkit/set_env.sh` "
          "(sets ASCEND_TOOLKIT_HOME and puts atc on PATH)")

@@ -25,6 +25,7 @@ SETTINGS = (
             default=("F32",), allowed=PRECISIONS, axis=True),
 )
 STAGE_DOCS = {"ort": "ONNX Runtime ORT-format model"}
+MEMORY_MB = {"ort": {"tiny": 800, "base": 6000}}  # peak RSS of the build process, measured on tiny; base a guess
 # Extended, not all: the layout rewrites of level "all" are specific to the converting machine's
 # CPU, and an ORT file is meant to run elsewhere. Extended still fuses QDQ pairs into INT8 kernels.
 OPTIMIZATION = "extended"

@@ -48,6 +48,9 @@ TOOLCHAIN_SETTINGS = (
 ENVIRONMENT = ("BLIPC_TPU_MLIR",)  # read by detect(); the no-op snapshot watches them
 STAGE_DOCS = {"transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table",
               "bmodel": "SOPHGO bmodel"}
+# Peak RSS of the largest tool process, measured (README: base transforms 6-10 GB, bmodels ~4 GB), rounded up.
+MEMORY_MB = {"transform": {"tiny": 1600, "base": 11000}, "calibrate": {"tiny": 1200, "base": 11000},
+             "bmodel": {"tiny": 700, "base": 5000}}
 HOWTO = (f"run ./bootstrap.sh (installs TPU-MLIR {VERSION} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
          "(or toolchains.tpu_mlir.root in models.yaml) at an environment whose bin/ has model_deploy.py")
 # cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.

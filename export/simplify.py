@@ -11,6 +11,7 @@ from export.reference import write_io
 from export.stage import check_onnx_io, fix_output_dims, raw_role, signature
 
 STAGE_DOCS = {"simplify": "onnxsim per batch size, with its reference inputs and outputs"}
+MEMORY_MB = {"simplify": {"tiny": 1000, "base": 10000}}  # peak RSS, measured (README: base up to 9.0 GB)
 
 SAMPLE_SEED = 7
 # onnxsim stops after a bounded number of folding rounds; the unrolled decoders need more (Shape

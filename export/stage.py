@@ -12,6 +12,7 @@ from buildplan.core import PYTHON, Node
 from export.specs import GRAPHS
 
 STAGE_DOCS = {"onnx": "raw split ONNX graphs (one checkpoint load)"}
+MEMORY_MB = {"onnx": {"tiny": 1000, "base": 6500}}  # peak RSS, measured (README: base exports 3.4-5.7 GB)
 
 TRACE_BATCH = 2
 GATE_BATCHES = (1, 3)

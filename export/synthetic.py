@@ -9,6 +9,7 @@ from __future__ import annotations
 from buildplan.core import PYTHON, Node
 
 STAGE_DOCS = {"checkpoint": "synthetic checkpoint"}
+MEMORY_MB = {"checkpoint": {"tiny": 800, "base": 6000}}  # peak RSS, measured (README), rounded up
 
 QUEUE_SIZE = {"tiny": 32, "base": 57600}  # retrieval queues, as BLIP's training state
 

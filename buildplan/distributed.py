@@ -1,0 +1,209 @@
+"""Parallel and distributed builds on Dask: `doit -n N -P dask` (also `doit nightly -P dask`).
+
+doit's `run` command is replaced by a subclass (a command plugin, pyproject.toml) that accepts
+`-P dask`: it connects to the scheduler at BLIPC_DASK_SCHEDULER (tcp://host:8786) or starts a
+LocalCluster sized to this machine, then lets doit's thread runner drive the build. Freshness
+checks and doit's database stay in this process; each task's action submits the real work to a
+worker and waits for it. So the DAG order, `--continue`, the records and the no-op fast path are
+doit's and ours as before, and only execution moves.
+
+Memory-aware placement: every task asks for a `MEM` resource, in MB: its last measured peak
+(the record's toolchain or stage peak RSS) plus a quarter, else its stage's estimate for the
+model's size (MEMORY_MB declared by the stage or backend module, from the figures in the README).
+Workers advertise their share of this machine's available memory less a margin (or what
+`dask worker --resources MEM=...` says). Dask never runs more tasks on a worker than its MEM
+allows, a task bigger than every worker fails at once saying both sizes, and a guard in the
+worker kills a task whose process tree grows past three times its request.
+
+Workers without this machine's artifacts/ (BLIPC_WORKER_ARTIFACTS set on the worker) pull the
+task's inputs from the shared cache, build, and push the outputs; this process then pulls them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import uuid
+
+from doit.cmd_run import Run
+
+SCHEDULER_ENV = "BLIPC_DASK_SCHEDULER"
+WORKER_MEMORY_ENV = "BLIPC_DASK_WORKER_MEMORY_MB"  # a LocalCluster worker's MEM, instead of a share of the machine
+MARGIN_MB = 2048  # left to the OS and this process when sizing a LocalCluster
+GUARD_FACTOR = 3.0  # the guard kills a task using this many times the memory it asked for
+DEFAULT_MB = 2048  # a stage that declares no estimate
+
+_client = None
+_largest_mb = 0.0
+
+
+def active() -> bool:
+    return _client is not None
+
+
+class DaskRun(Run):
+    """doit's `run`, plus `-P dask`."""
+    name = "run"
+
+    def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console", num_process=0,
+                 par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
+                 failure_verbosity=0, pdb=False):
+        kwargs = dict(verbosity=verbosity, always=always, continue_=continue_, reporter=reporter,
+                      single=single, auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
+                      failure_verbosity=failure_verbosity, pdb=pdb)
+        if par_type != "dask":
+            return super()._execute(outfile, num_process=num_process, par_type=par_type, **kwargs)
+        with cluster(num_process) as threads:
+            # doit's threads only wait on Dask futures: one per worker keeps every worker busy
+            return super()._execute(outfile, num_process=threads, par_type="thread", **kwargs)
+
+
+@contextlib.contextmanager
+def cluster(num_process: int):
+    """A Dask client for this build: the scheduler named by BLIPC_DASK_SCHEDULER, else a
+    LocalCluster of `num_process` workers (default: as many as the cores and memory allow)."""
+    global _client, _largest_mb
+    import logging
+
+    import psutil
+    from distributed import Client, LocalCluster
+
+    address = os.environ.get(SCHEDULER_ENV)
+    local = None
+    if address:
+        client = Client(address, timeout="20s")
+    else:
+        available = psutil.virtual_memory().available / 2**20 - MARGIN_MB
+        workers = num_process or max(1, min(os.cpu_count() or 1, int(available // DEFAULT_MB)))
+        per_worker = float(os.environ.get(WORKER_MEMORY_ENV) or available / workers)
+        local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                             dashboard_address="127.0.0.1:0", resources={"MEM": per_worker},
+                             memory_limit=0,  # Dask's own monitor sees the worker, not its toolchain children
+                             silence_logs=logging.ERROR)
+        client = Client(local)
+    try:
+        info = client.scheduler_info()["workers"]
+        mems = [w.get("resources", {}).get("MEM", 0) for w in info.values()]
+        _largest_mb = max(mems, default=0)
+        print(f"dask: {len(info)} workers ({', '.join(f'{m:.0f} MB' for m in mems)}), dashboard "
+              f"{client.dashboard_link}", file=sys.stderr)
+        _client = client
+        yield max(1, len(info))
+    finally:
+        _client = None
+        client.close()
+        if local is not None:
+            local.close()
+
+
+def memory_need(store, node) -> float:
+    """MB a task asks for: its last measured peak plus a quarter, else its stage's estimate."""
+    rec = store.read(node.id)
+    measured = rec and (rec.get("tool_peak_rss_mb") or rec.get("peak_rss_mb"))
+    if measured:
+        return round(float(measured) * 1.25, 1)
+    from buildplan.backends import memory_estimate
+
+    arch = next((m.arch for m in store.plan.config.models if m.name == node.model), None)
+    return float(memory_estimate(node.stage, arch) or DEFAULT_MB)
+
+
+def run_remote(config_path: str, node_id: str):
+    """The doit action of a node while a Dask build runs: the work on a worker, the record here."""
+    from doit.exceptions import TaskFailed
+
+    from buildplan.session import store_for
+
+    store = store_for(config_path)
+    node = store.plan.nodes[node_id]
+    need = memory_need(store, node)
+    if need > _largest_mb:
+        return TaskFailed(f"{node_id} needs about {need:.0f} MB of memory; the largest Dask worker offers "
+                          f"{_largest_mb:.0f} MB (MEM resource). Start workers with more "
+                          f"(`dask worker --resources MEM=<MB>`, or {WORKER_MEMORY_ENV}) or fewer per machine.")
+    future = _client.submit(work, config_path, node_id, need, store.plan.root, resources={"MEM": need},
+                            key=f"{node_id}-{uuid.uuid4().hex[:8]}", pure=False)
+    try:
+        status, message = future.result()
+    except KeyboardInterrupt:
+        future.cancel()
+        raise
+    except Exception as e:  # noqa: BLE001 - the worker died more often than Dask retries, or the cluster went away
+        return TaskFailed(f"{node_id}: the Dask worker failed: {type(e).__name__}: {e}")
+    if status != "ok":
+        return TaskFailed(message)
+    if store.read(node_id) is None:  # built on a worker with its own artifacts/: its outputs come by the cache
+        from buildplan.runner import run_task
+
+        pulled = run_task(config_path, node_id, build=False)
+        if pulled is not None:
+            return TaskFailed(f"{node_id}: built on a worker, but not found in the shared cache afterwards: "
+                              "workers without this machine's artifacts/ need a cache in write mode")
+    return None
+
+
+def work(config_path: str, node_id: str, need_mb: float, main_root: str):
+    """On a worker: build one node (its inputs pulled from the cache first when this worker has
+    its own artifacts/), under the memory guard. Returns ("ok", "") or ("failed", message)."""
+    from distributed import get_worker
+
+    from buildplan.runner import run_task
+    from buildplan.session import store_for
+
+    os.environ["BLIPC_WORKER_NAME"] = str(get_worker().name)
+    store = store_for(config_path)
+    if store.plan.root != main_root:
+        for dep in store.plan.closure([node_id])[:-1]:
+            if not store.is_fresh(store.plan.nodes[dep]) and run_task(config_path, dep, build=False) is not None:
+                return "failed", f"{node_id}: input {dep} is neither on this worker nor in the shared cache"
+    guard = MemoryGuard(need_mb * GUARD_FACTOR)
+    with guard:
+        result = run_task(config_path, node_id)
+    if guard.exceeded_mb:
+        return "failed", (f"{node_id}: killed by the memory guard: its processes used {guard.exceeded_mb:.0f} MB, "
+                          f"more than {GUARD_FACTOR:g} x the {need_mb:.0f} MB it asked for")
+    if result is None:
+        return "ok", ""
+    return "failed", getattr(result, "message", None) or str(result)
+
+
+class MemoryGuard:
+    """Kills the task's child processes when they and this process's growth pass `limit_mb`:
+    Dask's resources are only labels, and a runaway toolchain must not make the machine swap."""
+
+    def __init__(self, limit_mb: float):
+        self.limit_mb, self.exceeded_mb = limit_mb, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        import psutil
+
+        self._me = psutil.Process()
+        self._base = self._me.memory_info().rss
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self):
+        import psutil
+
+        while not self._stop.wait(0.5):
+            try:
+                children = self._me.children(recursive=True)
+                used = max(0, self._me.memory_info().rss - self._base)
+                for c in children:
+                    with contextlib.suppress(psutil.Error):
+                        used += c.memory_info().rss
+            except psutil.Error:
+                continue
+            if used / 2**20 > self.limit_mb:
+                self.exceeded_mb = used / 2**20
+                for c in children:
+                    with contextlib.suppress(psutil.Error):
+                        c.kill()
+                return
