@@ -10,10 +10,14 @@ doit's and ours as before, and only execution moves.
 Memory-aware placement: every task asks for a `MEM` resource, in MB: its last measured peak
 (the record's toolchain or stage peak RSS) plus a quarter, else its stage's estimate for the
 model's size (MEMORY_MB declared by the stage or backend module, from the figures in the README).
-Workers advertise their share of this machine's available memory less a margin (or what
-`dask worker --resources MEM=...` says). Dask never runs more tasks on a worker than its MEM
-allows, a task bigger than every worker fails at once saying both sizes, and a guard in the
-worker kills a task whose process tree grows past three times its request.
+Dask's resources are per worker, but the workers of a LocalCluster share one machine: each of
+them advertises the whole pool (this machine's available memory less a margin, or
+BLIPC_DASK_POOL_MB) so any task that fits the machine can run anywhere, and this process hands
+out the pool itself: a task is submitted only once its MB are free, so the sum of what runs never
+passes the pool. Workers started by hand say what they have (`dask worker --resources MEM=...`)
+and Dask keeps each of them within it. A task bigger than every worker fails at once saying both
+sizes, and a guard in the worker kills a task whose process tree grows past three times its
+request.
 
 Workers without this machine's artifacts/ (BLIPC_WORKER_ARTIFACTS set on the worker) pull the
 task's inputs from the shared cache, build, and push the outputs; this process then pulls them.
@@ -29,13 +33,14 @@ import uuid
 from doit.cmd_run import Run
 
 SCHEDULER_ENV = "BLIPC_DASK_SCHEDULER"
-WORKER_MEMORY_ENV = "BLIPC_DASK_WORKER_MEMORY_MB"  # a LocalCluster worker's MEM, instead of a share of the machine
+POOL_ENV = "BLIPC_DASK_POOL_MB"  # the memory a LocalCluster's tasks may use together, instead of the machine's
 MARGIN_MB = 2048  # left to the OS and this process when sizing a LocalCluster
 GUARD_FACTOR = 3.0  # the guard kills a task using this many times the memory it asked for
 DEFAULT_MB = 2048  # a stage that declares no estimate
 
 _client = None
 _largest_mb = 0.0
+_pool: MemoryPool | None = None
 
 
 def active() -> bool:
@@ -69,29 +74,32 @@ def cluster(num_process: int):
     import psutil
     from distributed import Client, LocalCluster
 
+    global _pool
     address = os.environ.get(SCHEDULER_ENV)
     local = None
     if address:
         client = Client(address, timeout="20s")
     else:
-        available = psutil.virtual_memory().available / 2**20 - MARGIN_MB
-        workers = num_process or max(1, min(os.cpu_count() or 1, int(available // DEFAULT_MB)))
-        per_worker = float(os.environ.get(WORKER_MEMORY_ENV) or available / workers)
+        pool_mb = float(os.environ.get(POOL_ENV) or psutil.virtual_memory().available / 2**20 - MARGIN_MB)
+        workers = num_process or max(1, min(os.cpu_count() or 1, int(pool_mb // DEFAULT_MB)))
         local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                             dashboard_address="127.0.0.1:0", resources={"MEM": per_worker},
+                             dashboard_address="127.0.0.1:0", resources={"MEM": pool_mb},
                              memory_limit=0,  # Dask's own monitor sees the worker, not its toolchain children
                              silence_logs=logging.ERROR)
         client = Client(local)
+        _pool = MemoryPool(pool_mb)
     try:
         info = client.scheduler_info()["workers"]
         mems = [w.get("resources", {}).get("MEM", 0) for w in info.values()]
         _largest_mb = max(mems, default=0)
-        print(f"dask: {len(info)} workers ({', '.join(f'{m:.0f} MB' for m in mems)}), dashboard "
-              f"{client.dashboard_link}", file=sys.stderr)
+        memory = (f"sharing {_pool.total_mb:.0f} MB" if _pool else
+                  f"MEM {', '.join(f'{m:.0f}' for m in mems)} MB")
+        print(f"dask: {len(info)} workers ({memory}), dashboard {client.dashboard_link}", file=sys.stderr)
         _client = client
         yield max(1, len(info))
     finally:
         _client = None
+        _pool = None
         client.close()
         if local is not None:
             local.close()
@@ -121,16 +129,18 @@ def run_remote(config_path: str, node_id: str):
     if need > _largest_mb:
         return TaskFailed(f"{node_id} needs about {need:.0f} MB of memory; the largest Dask worker offers "
                           f"{_largest_mb:.0f} MB (MEM resource). Start workers with more "
-                          f"(`dask worker --resources MEM=<MB>`, or {WORKER_MEMORY_ENV}) or fewer per machine.")
-    future = _client.submit(work, config_path, node_id, need, store.plan.root, resources={"MEM": need},
-                            key=f"{node_id}-{uuid.uuid4().hex[:8]}", pure=False)
-    try:
-        status, message = future.result()
-    except KeyboardInterrupt:
-        future.cancel()
-        raise
-    except Exception as e:  # noqa: BLE001 - the worker died more often than Dask retries, or the cluster went away
-        return TaskFailed(f"{node_id}: the Dask worker failed: {type(e).__name__}: {e}")
+                          f"(`dask worker --resources MEM=<MB>`, or {POOL_ENV} for a local cluster) "
+                          "or fewer per machine.")
+    with _pool.lease(need) if _pool else contextlib.nullcontext():
+        future = _client.submit(work, config_path, node_id, need, store.plan.root, resources={"MEM": need},
+                                key=f"{node_id}-{uuid.uuid4().hex[:8]}", pure=False)
+        try:
+            status, message = future.result()
+        except KeyboardInterrupt:
+            future.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 - the worker died more often than Dask retries, or the cluster went away
+            return TaskFailed(f"{node_id}: the Dask worker failed: {type(e).__name__}: {e}")
     if status != "ok":
         return TaskFailed(message)
     if store.read(node_id) is None:  # built on a worker with its own artifacts/: its outputs come by the cache
@@ -151,7 +161,7 @@ def work(config_path: str, node_id: str, need_mb: float, main_root: str):
     from buildplan.runner import run_task
     from buildplan.session import store_for
 
-    os.environ["BLIPC_WORKER_NAME"] = str(get_worker().name)
+    placement = {"worker": str(get_worker().name), "memory_request_mb": need_mb}
     store = store_for(config_path)
     if store.plan.root != main_root:
         for dep in store.plan.closure([node_id])[:-1]:
@@ -159,13 +169,34 @@ def work(config_path: str, node_id: str, need_mb: float, main_root: str):
                 return "failed", f"{node_id}: input {dep} is neither on this worker nor in the shared cache"
     guard = MemoryGuard(need_mb * GUARD_FACTOR)
     with guard:
-        result = run_task(config_path, node_id)
+        result = run_task(config_path, node_id, placement=placement)
     if guard.exceeded_mb:
         return "failed", (f"{node_id}: killed by the memory guard: its processes used {guard.exceeded_mb:.0f} MB, "
                           f"more than {GUARD_FACTOR:g} x the {need_mb:.0f} MB it asked for")
     if result is None:
         return "ok", ""
     return "failed", getattr(result, "message", None) or str(result)
+
+
+class MemoryPool:
+    """The memory the tasks of one machine's workers may use together, in MB. Only this process
+    submits them, so a condition variable is the whole ledger (no Dask semaphore to leak)."""
+
+    def __init__(self, total_mb: float):
+        self.total_mb, self.in_use_mb = total_mb, 0.0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def lease(self, mb: float):
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use_mb + mb <= self.total_mb)
+            self.in_use_mb += mb
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use_mb -= mb
+                self._changed.notify_all()
 
 
 class MemoryGuard:

@@ -167,9 +167,10 @@ def _out_of_space_message(node_id: str, e: OSError, root: Path) -> str:
             "every artifact already built is intact and stays fresh; this one's partial files were removed.")
 
 
-def run_task(config_path: str, node_id: str, build: bool = True):
+def run_task(config_path: str, node_id: str, build: bool = True, placement: dict | None = None):
     """doit action. Returns None on success, a TaskFailed with the log path on failure.
-    build=False only pulls from the cache (`doit cache pull`): False when it was not there."""
+    build=False only pulls from the cache (`doit cache pull`): False when it was not there.
+    placement: where a Dask build ran it (worker, memory_request_mb), kept in the record."""
     from doit.exceptions import TaskFailed
 
     from buildplan import distributed
@@ -177,7 +178,7 @@ def run_task(config_path: str, node_id: str, build: bool = True):
     try:
         if build and distributed.active():  # `-P dask`: the work on a worker, the record here
             return distributed.run_remote(config_path, node_id)
-        return _run_task(config_path, node_id, build)
+        return _run_task(config_path, node_id, build, placement or {})
     except OSError as e:  # out of space before or after the stage itself (log, record, manifest)
         full = _out_of_space(e)
         if full is None:
@@ -187,7 +188,7 @@ def run_task(config_path: str, node_id: str, build: bool = True):
         return TaskFailed(_out_of_space_message(node_id, full, root))
 
 
-def _run_task(config_path: str, node_id: str, build: bool):
+def _run_task(config_path: str, node_id: str, build: bool, placement: dict):
     from doit.exceptions import TaskFailed
 
     from buildplan import cache as cache_mod
@@ -256,12 +257,13 @@ def _run_task(config_path: str, node_id: str, build: bool):
         "node": node.id, "stage": node.stage, "model": node.model, "labels": node.labels,
         "fingerprint": store.fingerprint(parts), "parts": parts, "outputs": outputs, "roles": dict(node.outputs), "digest": digest,
         "toolchain": {"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
+        "started_unix": round(started, 3),  # with duration_s: what ran at the same time (Dask builds)
         "duration_s": round(time.time() - started, 3), "finished_at": utc_now(), "host": socket.gethostname(),
         **({"tool_peak_rss_mb": round(ctx.tool_peak_rss / 2**20, 1)} if ctx.tool_peak_rss else {}),
         # the doit process itself while this task ran (the stage's own work: export, gates, onnxsim)
         **({"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1)} if peak_is_own else {}),
         "log": str(ctx.log_path.relative_to(ctx.root)),
-        **({"worker": os.environ["BLIPC_WORKER_NAME"]} if os.environ.get("BLIPC_WORKER_NAME") else {}),
+        **placement,
         **result,
     }
     store.commit(record)

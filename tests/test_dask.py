@@ -95,10 +95,31 @@ def test_a_worker_killed_mid_task_is_retried_and_nothing_half_written_counts(tmp
 def test_a_task_bigger_than_every_worker_fails_at_once_saying_so(tmp_path):
     cfg = write_config(tmp_path / "models.yaml", _models(), tmp_path / "artifacts")
     started = time.time()
-    proc = doit(cfg, "-n", "2", "-P", "dask", env={"BLIPC_DASK_WORKER_MEMORY_MB": "300"}, check=False)
+    proc = doit(cfg, "-n", "2", "-P", "dask", env={"BLIPC_DASK_POOL_MB": "300"}, check=False)
     assert proc.returncode != 0 and time.time() - started < 120
     assert "checkpoint:r needs about 800 MB of memory; the largest Dask worker offers 300 MB" in proc.stdout, proc.stdout
     assert not (tmp_path / "artifacts" / "checkpoints").exists()
+
+
+def test_local_workers_share_the_machine_memory_pool(tmp_path):
+    # Before any measurement the tiny estimates are 800-1600 MB a task; a pool of 1700 MB lets no
+    # two exports or simplifications run together, where 2 workers with a MEM each would.
+    models = _models()
+    models[0]["targets"] = {"cpu": {"precisions": ["F32"], "batch_sizes": [1, 2]}}
+    cfg = write_config(tmp_path / "models.yaml", models, tmp_path / "artifacts")
+    proc = doit(cfg, "-n", "2", "-P", "dask", env={"BLIPC_DASK_POOL_MB": "1700"})
+    assert "dask: 2 workers (sharing 1700 MB)" in proc.stderr
+    recs = list(_records(tmp_path / "artifacts").values())
+    stages = [r["stage"] for r in recs]
+    assert stages.count("simplify") == stages.count("ort") == 6 and {r["worker"] for r in recs} <= {"0", "1"}
+    assert all(r["memory_request_mb"] > 0 for r in recs)
+    events = sorted([(r["started_unix"], r["memory_request_mb"]) for r in recs] +
+                    [(r["started_unix"] + r["duration_s"], -r["memory_request_mb"]) for r in recs])
+    in_use, peak = 0.0, 0.0
+    for _, delta in events:  # ends sort before starts at the same instant
+        in_use += delta
+        peak = max(peak, in_use)
+    assert peak <= 1700, f"tasks asking for {peak:.0f} MB ran at once in a pool of 1700 MB"
 
 
 def _free_port() -> int:
