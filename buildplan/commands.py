@@ -137,7 +137,7 @@ class Nightly(DaskRun):
 
     def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console", num_process=0,
                  par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
-                 failure_verbosity=0, pdb=False, report_dir=""):
+                 failure_verbosity=0, pdb=False, dask_scheduler="", report_dir=""):
         from buildplan import nightly
         from buildplan.files import utc_now
         from buildplan.tasks import available_targets
@@ -153,7 +153,7 @@ class Nightly(DaskRun):
         super()._execute(outfile, verbosity=verbosity, always=always, continue_=True, reporter=reporter,
                          num_process=num_process, par_type=par_type, single=single,
                          auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
-                         failure_verbosity=failure_verbosity, pdb=pdb)
+                         failure_verbosity=failure_verbosity, pdb=pdb, dask_scheduler=dask_scheduler)
         path, failed = nightly.write_report(plan, started, skipped, report_dir or None, damaged)
         print(f"nightly report: {path}.html (and .json); failed: {failed}", file=sys.stderr)
         return 1 if failed else 0

@@ -25,6 +25,10 @@ def _skipped_targets() -> dict:
     return next((spec.get("skipped", {}) for spec in specs if spec.get("basename") == "default"), {})
 
 
+def _is_artifact(name: str) -> bool:
+    return ":" in name and not name.startswith(("toolchain:", "compile:", "export:", "default"))
+
+
 def _record(root, node_id: str) -> dict | None:
     from buildplan.files import read_json, safe_name
 
@@ -71,11 +75,22 @@ class BuildReporter(ConsoleReporter):
         self.failed: list[tuple[str, str]] = []
         self.blocked = 0  # artifacts not attempted: something they need failed
         self.default_ran = False
+        self.total = 0  # artifact tasks this run selected, built or not
         self._lock = threading.Lock()
         self._ticker: threading.Thread | None = None
         self._live = False
 
     # --- doit's callbacks -------------------------------------------------------------
+    def initialize(self, tasks, selected_tasks):
+        seen, todo = set(), list(selected_tasks or ())
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in tasks:
+                continue
+            seen.add(name)
+            todo.extend(tasks[name].task_dep)
+        self.total = sum(map(_is_artifact, seen))
+
     def execute_task(self, task):
         if not task.actions or task.name.startswith(("_", "toolchain:", "default")):
             return
@@ -102,7 +117,7 @@ class BuildReporter(ConsoleReporter):
         if not fail.report:
             return
         if fail.get_name() == "UnmetDependency":  # not attempted: its own failure was already shown
-            self.blocked += ":" in task.name and not task.name.startswith(("compile:", "export:"))
+            self.blocked += _is_artifact(task.name)
             return
         first, *rest = (fail.get_msg().strip() or fail.get_name()).splitlines()
         log = next((line.strip()[len("log: "):] for line in rest if line.strip().startswith("log: ")), "")
@@ -111,7 +126,7 @@ class BuildReporter(ConsoleReporter):
         self._line(f"F  {task.name}{took}  {first}" + "".join(f"\n   {line.strip()}" for line in rest if line.strip()))
 
     def skip_uptodate(self, task):
-        if task.actions and ":" in task.name and not task.name.startswith("toolchain:"):
+        if task.actions and _is_artifact(task.name):
             self.up_to_date += 1
 
     def skip_ignore(self, task):
@@ -153,8 +168,11 @@ class BuildReporter(ConsoleReporter):
             self._live = False
 
     def _tick(self) -> None:
+        from buildplan import distributed
+
         while True:
             time.sleep(1)
+            where = distributed.running_on()  # a scheduler query, outside the lock
             with self._lock:
                 if not self.running:
                     continue
@@ -163,9 +181,11 @@ class BuildReporter(ConsoleReporter):
                 for name, (start, expected) in list(self.running.items())[:3]:
                     elapsed = now - start
                     eta = f", ~{max(expected - elapsed, 0):.0f} s left" if expected else ""
-                    shown.append(f"{name} {elapsed:.0f} s{eta}")
-                width = 200
-                self.outstream.write("\r\033[K> " + " | ".join(shown)[:width])
+                    place = (f" on worker {where[name]}" if name in where else " waiting for a worker or memory") \
+                        if distributed.active() else ""
+                    shown.append(f"{name} {elapsed:.0f} s{eta}{place}")
+                done = len(self.built) + len(self.failed) + self.up_to_date + self.blocked
+                counted = f"[{done}/{self.total}] " if self.total else ""
+                self.outstream.write("\r\033[K> " + (counted + " | ".join(shown))[:200])
                 self.outstream.flush()
                 self._live = True
-

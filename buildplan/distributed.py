@@ -31,6 +31,7 @@ import threading
 import uuid
 
 from doit.cmd_run import Run
+from doit.exceptions import InvalidCommand
 
 SCHEDULER_ENV = "BLIPC_DASK_SCHEDULER"
 POOL_ENV = "BLIPC_DASK_POOL_MB"  # the memory a LocalCluster's tasks may use together, instead of the machine's
@@ -50,24 +51,31 @@ def active() -> bool:
 class DaskRun(Run):
     """doit's `run`, plus `-P dask`."""
     name = "run"
+    cmd_options = Run.cmd_options + (
+        {"name": "dask_scheduler", "long": "dask-scheduler", "type": str, "default": "",
+         "help": f"with -P dask: the scheduler to use, tcp://host:8786 (default: ${SCHEDULER_ENV}, "
+                 "else a LocalCluster on this machine)"},
+    )
 
     def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console", num_process=0,
                  par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
-                 failure_verbosity=0, pdb=False):
+                 failure_verbosity=0, pdb=False, dask_scheduler=""):
         kwargs = dict(verbosity=verbosity, always=always, continue_=continue_, reporter=reporter,
                       single=single, auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
                       failure_verbosity=failure_verbosity, pdb=pdb)
         if par_type != "dask":
+            if dask_scheduler:
+                raise InvalidCommand("--dask-scheduler needs -P dask")
             return super()._execute(outfile, num_process=num_process, par_type=par_type, **kwargs)
-        with cluster(num_process) as threads:
+        with cluster(num_process, dask_scheduler or os.environ.get(SCHEDULER_ENV)) as threads:
             # doit's threads only wait on Dask futures: one per worker keeps every worker busy
             return super()._execute(outfile, num_process=threads, par_type="thread", **kwargs)
 
 
 @contextlib.contextmanager
-def cluster(num_process: int):
-    """A Dask client for this build: the scheduler named by BLIPC_DASK_SCHEDULER, else a
-    LocalCluster of `num_process` workers (default: as many as the cores and memory allow)."""
+def cluster(num_process: int, address: str | None):
+    """A Dask client for this build: the scheduler at `address`, else a LocalCluster of
+    `num_process` workers (default: as many as the cores and memory allow)."""
     global _client, _largest_mb
     import logging
 
@@ -75,7 +83,6 @@ def cluster(num_process: int):
     from distributed import Client, LocalCluster
 
     global _pool
-    address = os.environ.get(SCHEDULER_ENV)
     local = None
     if address:
         client = Client(address, timeout="20s")
@@ -103,6 +110,19 @@ def cluster(num_process: int):
         client.close()
         if local is not None:
             local.close()
+
+
+def running_on() -> dict[str, str]:
+    """node id -> the name of the worker running it now (for the live progress line)."""
+    client = _client
+    if client is None:
+        return {}
+    try:
+        names = {addr: str(w.get("name")) for addr, w in client.scheduler_info()["workers"].items()}
+        return {key.rsplit("-", 1)[0]: names.get(addr, addr)
+                for addr, keys in client.processing().items() for key in keys}
+    except Exception:  # noqa: BLE001 - the cluster going away is reported by the tasks themselves
+        return {}
 
 
 def memory_need(store, node) -> float:

@@ -27,8 +27,7 @@ def write_config(path: Path, models: list, artifacts: Path) -> Path:
     return path
 
 
-def doit(cfg: Path, *args, atc: bool = False, env: dict | None = None, check: bool = True, timeout: int = 1800):
-    """Run doit on a config as a user would (subprocess, from the repo)."""
+def _doit_env(atc: bool, env: dict | None) -> dict:
     e = dict(os.environ)
     e.pop("ASCEND_TOOLKIT_HOME", None)
     path = [str(Path(sys.executable).parent)] + [p for p in e.get("PATH", "").split(os.pathsep) if "standin_cann" not in p]
@@ -36,8 +35,35 @@ def doit(cfg: Path, *args, atc: bool = False, env: dict | None = None, check: bo
         path.insert(0, str(STANDIN_BIN))
     e["PATH"] = os.pathsep.join(path)
     e.update(env or {})
-    proc = subprocess.run([str(Path(sys.executable).parent / "doit"), *args, f"config={cfg}"], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return e
+
+
+def doit_on_a_terminal(cfg: Path, *args, env: dict | None = None) -> tuple[int, str]:
+    """doit with stdout and stderr on a pseudo-terminal, as a person at a shell sees it:
+    (exit status, everything written, control sequences included)."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "doit"), *args, f"config={cfg}"], cwd=REPO,
+                            env=_doit_env(False, env), stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: every writer closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return proc.wait(), b"".join(chunks).decode(errors="replace")
+
+
+def doit(cfg: Path, *args, atc: bool = False, env: dict | None = None, check: bool = True, timeout: int = 1800):
+    """Run doit on a config as a user would (subprocess, from the repo)."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "doit"), *args, f"config={cfg}"], cwd=REPO,
+                          env=_doit_env(atc, env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"doit {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -3,6 +3,7 @@ real TPU-MLIR: the same artifacts as a serial build, a worker killed mid-task, a
 every worker, and workers with their own artifact folders sharing only the cache."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, doit, executed, write_config
+from conftest import REPO, doit, doit_on_a_terminal, executed, write_config
 
 pytestmark = pytest.mark.tpu_mlir
 BIN = Path(sys.executable).parent
@@ -107,8 +108,9 @@ def test_local_workers_share_the_machine_memory_pool(tmp_path):
     models = _models()
     models[0]["targets"] = {"cpu": {"precisions": ["F32"], "batch_sizes": [1, 2]}}
     cfg = write_config(tmp_path / "models.yaml", models, tmp_path / "artifacts")
-    proc = doit(cfg, "-n", "2", "-P", "dask", env={"BLIPC_DASK_POOL_MB": "1700"})
-    assert "dask: 2 workers (sharing 1700 MB)" in proc.stderr
+    status, screen = doit_on_a_terminal(cfg, "-n", "2", "-P", "dask", env={"BLIPC_DASK_POOL_MB": "1700"})
+    assert status == 0, screen[-3000:]
+    assert "dask: 2 workers (sharing 1700 MB)" in screen
     recs = list(_records(tmp_path / "artifacts").values())
     stages = [r["stage"] for r in recs]
     assert stages.count("simplify") == stages.count("ort") == 6 and {r["worker"] for r in recs} <= {"0", "1"}
@@ -120,6 +122,10 @@ def test_local_workers_share_the_machine_memory_pool(tmp_path):
         in_use += delta
         peak = max(peak, in_use)
     assert peak <= 1700, f"tasks asking for {peak:.0f} MB ran at once in a pool of 1700 MB"
+    # the live line on a terminal: finished/total, each running task's time and where it runs
+    live = [part.split("\r")[0] for part in screen.split("\r\x1b[K> ")[1:]]
+    assert live and all(re.match(r"\[\d+/14\] ", line) for line in live), live
+    assert any(re.search(r" \d+ s on worker [01]\b", line) for line in live), live
 
 
 def _free_port() -> int:
@@ -147,7 +153,7 @@ def test_workers_with_their_own_artifacts_share_only_the_cache(tmp_path):
                  "--resources", "MEM=4000", "--memory-limit", "0", "--no-dashboard", "--name", f"w{i}"],
                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         time.sleep(3)
-        proc = doit(cfg, "-P", "dask", env={"BLIPC_DASK_SCHEDULER": f"tcp://127.0.0.1:{port}"})
+        proc = doit(cfg, "-P", "dask", "--dask-scheduler", f"tcp://127.0.0.1:{port}")
         assert "dask: 2 workers" in proc.stderr
     finally:
         for p in procs:
