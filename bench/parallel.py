@@ -16,6 +16,7 @@ peak memory against the pool, the most MB that ran at once by the records, and a
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,8 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 DOIT = str(Path(sys.executable).parent / "doit")
 
 
-def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """wall seconds, the machine's peak used memory (MB) while it ran, stdout"""
+def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str, float]:
+    """wall seconds, the machine's peak used memory (MB) while it ran, its output, and the CPU
+    seconds of the command and every process under it (all are waited for: RUSAGE_CHILDREN)"""
     peak, stop = [0.0], threading.Event()
 
     def sample():
@@ -40,6 +42,7 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
             peak[0] = max(peak[0], (vm.total - vm.available) / 2**20)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
+    cpu_before = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
@@ -47,7 +50,12 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
     thread.join()
     if proc.returncode != 0:
         sys.exit(f"{' '.join(argv)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return wall, peak[0], proc.stdout + proc.stderr
+    return wall, peak[0], proc.stdout + proc.stderr, _children_cpu() - cpu_before
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def records(root: Path) -> list[dict]:
@@ -77,7 +85,7 @@ def base_transforms(workers: int, pool_mb: int) -> None:
     cfg.write_text(yaml.safe_dump({"artifacts": str(work / "artifacts"), "models": [model]}, sort_keys=False))
     transforms = [f"transform:captioning.{g}.{bs}b" for g in graphs for bs in (1, 2)]
     idle = (psutil.virtual_memory().total - psutil.virtual_memory().available) / 2**20
-    wall, peak, out = timed([DOIT, "-n", str(workers), "-P", "dask", f"config={cfg}", *transforms],
+    wall, peak, out, _ = timed([DOIT, "-n", str(workers), "-P", "dask", f"config={cfg}", *transforms],
                             env={"BLIPC_DASK_POOL_MB": str(pool_mb)})
     recs = records(work / "artifacts")
     print(f"machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB; "
@@ -112,17 +120,20 @@ def main() -> None:
     for name, extra in (("serial", []), ("dask", ["-n", str(args.workers), "-P", "dask"])):
         cfg = work / f"{name}.yaml"
         cfg.write_text(yaml.safe_dump({**raw, "artifacts": str(work / name)}, sort_keys=False))
-        wall, peak, out = timed([DOIT, *extra, f"config={cfg}"])
+        wall, peak, out, cpu = timed([DOIT, *extra, f"config={cfg}"])
         recs = records(work / name)
         workers = {}
         for r in recs:
             workers[r.get("worker", "main process")] = workers.get(r.get("worker", "main process"), 0) + 1
-        results[name] = (wall, peak, len(recs), workers)
+        results[name] = (wall, peak, len(recs), workers, cpu, sum(r["duration_s"] for r in recs))
     print(f"machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB; "
           f"in use before: {idle:.0f} MB")
-    for name, (wall, peak, count, workers) in results.items():
-        print(f"{name:8} {wall:8.1f} s  {count} artifacts  machine peak {peak:6.0f} MB  tasks per worker {workers}")
-    print(f"speed-up: {results['serial'][0] / results['dask'][0]:.2f}x")
+    for name, (wall, peak, count, workers, cpu, task_s) in results.items():
+        print(f"{name:8} {wall:8.1f} s  {count} artifacts  machine peak {peak:6.0f} MB  CPU {cpu:6.0f} s "
+              f"({cpu / wall:.2f} cores)  tasks' own times {task_s:6.0f} s  tasks per worker {workers}")
+    serial_wall, serial_cpu = results["serial"][0], results["serial"][4]
+    print(f"speed-up: {serial_wall / results['dask'][0]:.2f}x; the most {psutil.cpu_count()} cores allow for the serial "
+          f"run's CPU time: {serial_wall / max(serial_cpu / psutil.cpu_count(), 1e-9):.2f}x")
 
 
 if __name__ == "__main__":

@@ -76,13 +76,12 @@ class DaskRun(Run):
 def cluster(num_process: int, address: str | None):
     """A Dask client for this build: the scheduler at `address`, else a LocalCluster of
     `num_process` workers (default: as many as the cores and memory allow)."""
-    global _client, _largest_mb
+    global _client, _largest_mb, _pool
     import logging
 
     import psutil
     from distributed import Client, LocalCluster
 
-    global _pool
     local = None
     if address:
         client = Client(address, timeout="20s")
