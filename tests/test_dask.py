@@ -1,6 +1,7 @@
 """Parallel and distributed builds on Dask (`doit -n 2 -P dask`), with real worker processes and
-real TPU-MLIR: the same artifacts as a serial build, a worker killed mid-task, a task too big for
-every worker, and workers with their own artifact folders sharing only the cache."""
+real TPU-MLIR: the same artifacts as a serial build, a worker killed mid-task, the main process
+killed, a task too big for every worker, local workers sharing one memory pool (and the live
+line on a terminal), and workers with their own artifact folders sharing only the cache."""
 import contextlib
 import json
 import os
