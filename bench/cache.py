@@ -2,6 +2,11 @@
 an empty artifacts/, in one run: wall time, bytes moved, peak memory of the doit process.
 
     .venv/bin/python bench/cache.py [--s3]      # --s3: a SeaweedFS server on 127.0.0.1 instead of a directory
+    .venv/bin/python bench/cache.py --s3 --big-file-mb 2048   # one GB-sized file up and down instead
+
+--big-file-mb pushes one file of that size into the store (multipart on S3) and fetches it back
+through the cache's verified download, each in a fresh process, and prints the time and the
+process's peak RSS: it must stay flat, not grow with the file.
 
 Every target this machine can build (ATC is absent here: its OMs are skipped). Works in
 artifacts-bench/cache/ (git-ignored).
@@ -46,9 +51,53 @@ def run(cfg: Path, env: dict) -> tuple[float, float, subprocess.CompletedProcess
     return result["wall"], result["peak"], result
 
 
+# One transfer in a fresh interpreter: its peak RSS is the transfer's, not this script's.
+TRANSFER = """
+import hashlib, json, resource, sys, time
+from pathlib import Path
+from buildplan.cache import Cache, CacheSettings
+what, url, path, sha, size = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+cache = Cache(CacheSettings(url, "write", True, "bench"))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+t = time.perf_counter()
+if what == "push":
+    cache.store.put_blob(sha, path)
+else:
+    cache.fetch({"outputs": {"big": {"sha256": sha, "size": size, "path": path.name}}}, "big", path)
+wall = time.perf_counter() - t
+print(json.dumps({"wall": wall, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base": base}))
+"""
+
+
+def big_file(url: str, env: dict, work: Path, size_mb: int) -> None:
+    import hashlib
+
+    src, back = work / "big.bin", work / "big.back"
+    h = hashlib.sha256()
+    with open(src, "wb") as f:
+        for _ in range(size_mb):
+            chunk = os.urandom(1 << 20)
+            h.update(chunk)
+            f.write(chunk)
+    sha, size = h.hexdigest(), src.stat().st_size
+    for what, path in (("push", src), ("fetch", back)):
+        proc = subprocess.run([sys.executable, "-c", TRANSFER, what, url, str(path), sha, str(size)], cwd=REPO,
+                              env={**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{what} failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout)
+        print(f"{what:6} {size / 2**20:7.0f} MiB in {r['wall']:6.1f} s ({size / 2**20 / r['wall']:6.1f} MiB/s); "
+              f"peak RSS {r['peak']:5.0f} MB (the interpreter with the cache loaded: {r['base']:.0f} MB)")
+    same = back.stat().st_size == size and hashlib.file_digest(open(back, "rb"), "sha256").hexdigest() == sha
+    print(f"fetched file identical: {same}")
+    src.unlink()
+    back.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--s3", action="store_true", help="use a SeaweedFS S3 server on 127.0.0.1")
+    ap.add_argument("--big-file-mb", type=int, default=0, help="one file of this size up and down instead")
     args = ap.parse_args()
     work = REPO / "artifacts-bench" / "cache"
     shutil.rmtree(work, ignore_errors=True)
@@ -71,6 +120,9 @@ def main() -> None:
     else:
         url = str(work / "cache")
     try:
+        if args.big_file_mb:
+            print(f"cache: {url}")
+            return big_file(url, env, work, args.big_file_mb)
         results = {}
         for name, mode in (("build", "write"), ("pull", "read")):
             cfg = work / f"{name}.yaml"
