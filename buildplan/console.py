@@ -92,7 +92,7 @@ class BuildReporter(ConsoleReporter):
         self.total = sum(map(_is_artifact, seen))
 
     def execute_task(self, task):
-        if not task.actions or task.name.startswith(("_", "toolchain:", "default")):
+        if not task.actions or not _is_artifact(task.name):
             return
         rec = _record(_root(), task.name)
         with self._lock:
