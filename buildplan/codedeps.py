@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import json
 from pathlib import Path
 
 from buildplan import files
-from buildplan.files import CODE_DIRS, atomic_write, cache_dir, read_json, stat_key
+from buildplan.files import CODE_DIRS, cache_dir, read_memo, stat_key, write_memo
 
 _MEMO_FORMAT = 1
 _direct: dict[str, list[str]] = {}  # repo-relative file -> the project files it references
@@ -62,7 +61,7 @@ def _references(rel: str, source: str) -> list[str]:
 def _load_memo() -> dict:
     global _memo
     if _memo is None:
-        memo = read_json(cache_dir() / "code-deps.json") or {}
+        memo = read_memo(cache_dir() / "code-deps.json") or {}
         _memo = memo if memo.get("format") == _MEMO_FORMAT and isinstance(memo.get("files"), dict) else \
             {"format": _MEMO_FORMAT, "files": {}}
     return _memo
@@ -102,7 +101,7 @@ def _save_memo() -> None:
     global _memo_dirty
     if _memo_dirty:
         try:
-            atomic_write(cache_dir() / "code-deps.json", json.dumps(_memo), durable=False)
+            write_memo(cache_dir() / "code-deps.json", _memo)
         except OSError:
             pass  # a read-only cache: parse again next time
         _memo_dirty = False

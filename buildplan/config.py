@@ -5,6 +5,7 @@ Every user mistake becomes one ConfigError naming the file, the field path
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from typing import NamedTuple
 
 from buildplan.backends import by_target, registry
 from buildplan.core import ConfigError, Setting
-from buildplan.files import atomic_write, cache_dir, default_config_path, keep_newest, read_json
+from buildplan.files import LAYOUT_DIRS, cache_dir, default_config_path, keep_newest, read_memo, write_memo
 from export.presets import ARCHS, TASKS
 from export.specs import graphs_for_task
 
@@ -121,62 +122,100 @@ def load(path: str | os.PathLike | None = None) -> Config:
 
 
 def _parse_yaml(text: bytes, shown: str):
-    """(document, remember): yaml.safe_load with refusals, memoised as JSON by content hash, since
-    importing PyYAML alone costs ~25 ms of every no-op `doit`. `remember()` writes the memo; the
-    caller calls it once the document validated."""
+    """(document, remember): the YAML document with refusals, memoised as signed JSON by content
+    hash, since importing PyYAML alone costs ~25 ms. `remember()` writes the memo; the caller
+    calls it once the document validated. The memo is signed (files.read_memo): an edited one
+    reads as absent and the file is parsed again."""
     digest = hashlib.sha256(text).hexdigest()
     memo = cache_dir() / "parsed-yaml" / f"{digest}.json"
-    cached = read_json(memo)
-    if cached and cached.get("source_sha256") == digest and "document" in cached:
-        return cached["document"], lambda: None  # anything else (damaged, older format) is parsed again
+    cached = read_memo(memo)
+    if cached and cached.get("source_sha256") == digest and cached.get("rules") == YAML_RULES and "document" in cached:
+        return cached["document"], lambda: None
     raw = _safe_yaml(text, shown)
 
     def remember():
         try:
-            as_json = json.dumps({"source_sha256": digest, "document": raw})
-            if json.loads(as_json)["document"] == raw:
-                atomic_write(memo, as_json, durable=False)
+            as_json = json.dumps(raw)
+            if json.loads(as_json) == raw:
+                write_memo(memo, {"source_sha256": digest, "rules": YAML_RULES, "document": raw})
                 keep_newest(memo.parent, 256)  # one file per config text ever loaded (tests make many)
         except (TypeError, ValueError, OSError):
-            pass  # not JSON-shaped (dates, non-string keys) or a read-only cache: parse each time
+            pass  # not JSON-shaped (non-string keys) or a read-only cache: parse each time
     return raw, remember
 
 
-def _safe_yaml(text: bytes, shown: str):
-    """yaml.safe_load, refusing duplicate keys (a second `bm1684x:` silently replaced the first),
-    documents whose aliases expand beyond MAX_YAML_NODES, and nesting beyond MAX_YAML_DEPTH."""
-    import yaml
+YAML_RULES = "yaml-1.2-core"  # how scalars are read; part of the memo, so a change of rules re-parses
 
-    class Loader(yaml.SafeLoader):
+
+@functools.cache
+def _loader_class():
+    """A safe loader that reads scalars by YAML 1.2's core schema: `1_0`, `1:0`, `yes` and
+    `2024-01-01` are strings (YAML 1.1 read them as 10, 60, true and a date), `010` is ten."""
+    import yaml
+    from yaml.resolver import BaseResolver
+
+    class Resolver12(BaseResolver):
         pass
 
-    def mapping_without_duplicates(loader, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):
-                continue  # unhashable keys: the constructor below refuses them
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ConfigError(shown, f"line {line}", f"duplicate key {key!r} (first on line {seen[key]})",
-                                  "keep one: a second key silently replaces the first")
-            seen[key] = line
-        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+    for tag, pattern, first in (
+            ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+            ("int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+            ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                      r"|\.(?:nan|NaN|NAN))$", "-+0123456789."),
+            ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+            ("merge", r"^(?:<<)$", "<")):
+        Resolver12.add_implicit_resolver(f"tag:yaml.org,2002:{tag}", re.compile(pattern), list(first))
 
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping_without_duplicates)
-    loader = Loader(text)
-    try:  # what yaml.load does, with the expansion checked between composing and constructing
+    class Loader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer,
+                 yaml.constructor.SafeConstructor, Resolver12):
+        def __init__(self, stream):
+            yaml.reader.Reader.__init__(self, stream)
+            yaml.scanner.Scanner.__init__(self)
+            yaml.parser.Parser.__init__(self)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            Resolver12.__init__(self)
+
+    def int12(loader, node):
+        text = loader.construct_scalar(node)
+        sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+        base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
+
+    Loader.add_constructor("tag:yaml.org,2002:int", int12)
+    return Loader
+
+
+def _safe_yaml(text: bytes, shown: str):
+    """The document, read safely by YAML 1.2 rules, refusing duplicate keys (a second `bm1684x:`
+    silently replaced the first), documents whose aliases expand beyond MAX_YAML_NODES, and
+    nesting beyond MAX_YAML_DEPTH. Merge keys (`<<: *shared`) work."""
+    import yaml
+
+    loader = None
+    try:  # what yaml.load does, with the checks between composing and constructing
+        loader = _loader_class()(text)  # the reader already refuses some bytes here
         root = loader.get_single_node()
-        _check_expansion(root, shown)
+        _check_composed(loader, root, shown)
         return None if root is None else loader.construct_document(root)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(shown, where, f"not valid YAML: {getattr(e, 'problem', e)}", "fix the YAML syntax") from None
+        raise ConfigError(shown, _yaml_where(e, text), f"not valid YAML: {getattr(e, 'problem', None) or e}",
+                          "fix the YAML syntax (and save the file as UTF-8 text)") from None
     except RecursionError:
         raise _too_deep(shown) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_where(e, text: bytes) -> str:
+    mark = getattr(e, "problem_mark", None)
+    if mark:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+    position = getattr(e, "position", None)  # the reader's errors count characters (bytes, for bad UTF-8)
+    if isinstance(position, int):
+        return f"line {text[:position].count(10) + 1}"  # 10: a newline byte
+    return ""
 
 
 def _too_deep(shown: str) -> ConfigError:
@@ -184,9 +223,11 @@ def _too_deep(shown: str) -> ConfigError:
                        "a models.yaml needs about six levels")
 
 
-def _check_expansion(root, shown: str) -> None:
-    """Count the nodes the document would have with every alias expanded, without expanding it
-    (a shared node is counted once per use, from a memo)."""
+def _check_composed(loader, root, shown: str) -> None:
+    """Before anything is constructed: count the nodes the document would have with every alias
+    expanded, without expanding it (a shared node is counted once per use, from a memo), refuse
+    nesting that deep, and refuse a key written twice in one mapping (keys brought in by a merge
+    `<<` may be overridden: that is what merging is for)."""
     import yaml
 
     sizes: dict[int, int] = {}
@@ -195,14 +236,18 @@ def _check_expansion(root, shown: str) -> None:
         if depth > MAX_YAML_DEPTH:
             raise _too_deep(shown)
         if id(node) not in sizes:
+            if isinstance(node, yaml.MappingNode):
+                _refuse_duplicate_keys(loader, node, shown)
             children = node.value if isinstance(node, yaml.SequenceNode) else \
                 [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
             total = 1
             for child in children:
                 total += size(child, depth + 1)
                 if total > MAX_YAML_NODES:
-                    raise ConfigError(shown, "", f"the document expands to more than {MAX_YAML_NODES} values "
-                                      "through its aliases (&anchor / *alias)", "write the values out, without nested aliases")
+                    line = node.start_mark.line + 1
+                    raise ConfigError(shown, f"line {line}", f"the document expands to more than {MAX_YAML_NODES} "
+                                      "values through its aliases (&anchor / *alias)",
+                                      "write the values out, without nested aliases")
             sizes[id(node)] = total
         return sizes[id(node)]
 
@@ -210,12 +255,34 @@ def _check_expansion(root, shown: str) -> None:
         size(root, 0)
 
 
+def _refuse_duplicate_keys(loader, node, shown: str) -> None:
+    import yaml
+
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # collection keys: the constructor refuses them (unhashable)
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(shown, f"line {line}", f"duplicate key {key!r} (first on line {seen[key]})",
+                              "keep one: a second key silently replaces the first")
+        seen[key] = line
+
+
 def _usable_path(c: "_Checker", value, field: str, base_dir: Path, what: str, folder: bool = False) -> Path:
-    """`value` resolved against the config's folder; a ConfigError if the system cannot use it (NUL
-    byte, symlink loop, over-long name) or, for a folder, if something else is there."""
+    """`value` resolved against the config's folder, a leading `~` expanded to the home folder; a
+    ConfigError if it is empty, names an environment variable (never expanded: the build would
+    depend on the shell), the system cannot use it (NUL byte, symlink loop, over-long name) or,
+    for a folder, if something else is there."""
     c.typed(value, field, str, what)
+    if not value.strip():
+        c.fail(field, "is an empty path", f"give {what}, or leave the field out for its default")
+    if "$" in value:
+        c.fail(field, f"{value!r} names an environment variable, which is not expanded",
+               "write the path out (a leading ~ is expanded to your home folder)")
     try:
-        p = (base_dir / value).resolve()
+        p = (base_dir / os.path.expanduser(value)).resolve()
         try:
             st = os.stat(p)
         except FileNotFoundError:
@@ -232,6 +299,9 @@ def validate(raw, file: str, base_dir: Path) -> Config:
     c = _Checker(file)
     top = c.mapping(raw, "", ("models", "artifacts", "toolchains", "cache"), ("models",))
     artifacts = _usable_path(c, top.get("artifacts", "artifacts"), "artifacts", base_dir, "a directory path", folder=True)
+    if artifacts == base_dir.resolve() or artifacts in base_dir.resolve().parents:
+        c.fail("artifacts", f"{artifacts} holds models.yaml itself (`doit prune` and `doit clean` would work among "
+               "your own files)", "give a folder of its own, e.g. `artifacts: artifacts`")
     toolchains = {}
     configurable = {name: b.TOOLCHAIN_SETTINGS for name, b in registry().items() if getattr(b, "TOOLCHAIN_SETTINGS", ())}
     for name, raw in c.mapping(top.get("toolchains", {}), "toolchains", tuple(configurable)).items():
@@ -279,6 +349,9 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
     if not NAME_RE.fullmatch(name):  # match() with `$` let a trailing newline through
         c.fail(f"{path}.name", f"{name!r} is not a safe artifact name (it would name files under artifacts/)",
                "use letters, digits, '_' or '-' (at most 64, no '/', '.' or spaces)")
+    if name in LAYOUT_DIRS:
+        c.fail(f"{path}.name", f"{name!r} is a folder used by the build itself under artifacts/",
+               f"choose another name (not one of {', '.join(LAYOUT_DIRS)})")
     task = c.choice(m["task"], f"{path}.task", TASKS, "task")
     ckpt, implied_arch = _checkpoint(c, m["checkpoint"], f"{path}.checkpoint", base_dir)
     arch = m.get("arch", implied_arch or "base")

@@ -34,6 +34,8 @@ class SafeJsonDB(JsonDB):
         return {}
 
     def dump(self):
+        if not os.path.isdir(os.path.dirname(os.path.abspath(self.name))):
+            return  # artifacts/ does not exist: a read-only command ran; it creates nothing
         try:
             atomic_write(self.name, self.codec.encode(self._db), durable=False)
         except OSError as e:

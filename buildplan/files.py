@@ -11,6 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CODE_DIRS = ("buildplan", "export", "compile")  # every module that can change a plan or an artifact
+# Top-level folders of artifacts/ that are not a model's (each model builds under artifacts/<name>/).
+LOGS_DIR, REPORTS_DIR, CHECKPOINTS_DIR = "logs", "reports", "checkpoints"
+LAYOUT_DIRS = (LOGS_DIR, REPORTS_DIR, CHECKPOINTS_DIR)
 
 
 def sha256_file(path: str | Path, limit: int | None = None) -> str:
@@ -76,6 +79,74 @@ def read_json(path: str | Path, expect: type = dict):
         with open(path, "rb") as f:
             value = json.loads(f.read())
     except (OSError, ValueError):  # ValueError covers bad JSON and bytes that are not UTF-8
+        return None
+    return value if isinstance(value, expect) else None
+
+
+# --- memos ------------------------------------------------------------------------------
+# A memo only ever makes a check faster: it is signed with a key private to this machine's cache
+# folder, so a memo edited, damaged or copied from elsewhere reads as absent and the answer is
+# computed again. (Whoever can read the key can forge one; that is the user's own account.)
+_MEMO_MAGIC = b"blipc-memo "
+_memo_keys: dict[str, bytes] = {}
+
+
+def _memo_key() -> bytes:
+    folder = cache_dir()
+    key = _memo_keys.get(str(folder))
+    if key is None:
+        path = folder / "memo.key"
+        try:
+            with open(path, "rb") as f:
+                key = f.read()
+        except FileNotFoundError:
+            key = b""
+        if len(key) != 32:
+            folder.mkdir(parents=True, exist_ok=True)
+            fresh = os.urandom(32)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".memo.key.")
+            try:  # 0600 from mkstemp; link() refuses to replace a key another process made first
+                os.write(fd, fresh)
+                os.close(fd)
+                if key:  # a damaged key: replace it (every memo signed with it is void anyway)
+                    os.replace(tmp, path)
+                else:
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            with open(path, "rb") as f:
+                key = f.read()
+        _memo_keys[str(folder)] = key
+    return key
+
+
+def _memo_mac(payload: bytes) -> bytes:
+    import hmac
+
+    return hmac.new(_memo_key(), payload, hashlib.sha256).hexdigest().encode()
+
+
+def write_memo(path: str | Path, value, durable: bool = False):
+    """Write a memo: a signature line, then the JSON of `value`."""
+    payload = json.dumps(value).encode()
+    atomic_write(path, _MEMO_MAGIC + _memo_mac(payload) + b"\n" + payload, durable=durable)
+
+
+def read_memo(path: str | Path, expect: type = dict):
+    """A memo's value, or None when it is missing, damaged, unsigned, signed by another key or
+    not of the expected type: then the caller computes the answer afresh."""
+    import hmac
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        head, _, payload = data.partition(b"\n")
+        if not head.startswith(_MEMO_MAGIC) or not hmac.compare_digest(head[len(_MEMO_MAGIC):], _memo_mac(payload)):
+            return None
+        value = json.loads(payload)
+    except (OSError, ValueError):
         return None
     return value if isinstance(value, expect) else None
 

@@ -46,9 +46,9 @@ def holding() -> bool:
 
 def hold_if_building(root: str, argv: list[str]) -> None:
     global _held
-    Path(root).mkdir(parents=True, exist_ok=True)
     if _held is not None or not is_build(argv):
-        return
+        return  # a read-only command creates nothing, not even the artifacts folder
+    Path(root).mkdir(parents=True, exist_ok=True)
     path = Path(root) / ".build.lock"
     try:
         refuse_symlinks(root, path)

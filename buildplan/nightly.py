@@ -15,7 +15,7 @@ import os
 import statistics
 from pathlib import Path
 
-from buildplan.files import atomic_write, utc_now
+from buildplan.files import REPORTS_DIR, atomic_write, utc_now
 from buildplan.plan import Plan
 from buildplan.state import Store
 
@@ -70,7 +70,7 @@ def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: 
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     doc = {"started": started, "finished": utc_now(), "config": plan.config.path, "summary": counts,
            "skipped_targets": skipped, "verify_damaged": damaged or {}, "artifacts": rows}
-    out_dir = Path(report_dir or Path(plan.root) / "reports")
+    out_dir = Path(report_dir or Path(plan.root) / REPORTS_DIR)
     stem = out_dir / f"nightly-{started[:19].replace(':', '')}"
     history = _append_history(out_dir, doc, stem)
     atomic_write(f"{stem}.json", json.dumps(doc, indent=1))

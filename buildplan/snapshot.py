@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import os
 import sys
 
 from buildplan import files
-from buildplan.files import CODE_DIRS, atomic_write, cache_dir, keep_newest, read_json, stat_keys
+from buildplan.files import CODE_DIRS, cache_dir, keep_newest, read_memo, stat_keys, write_memo
 
 # The environment the core reads; backends add the variables they read (ENVIRONMENT), and the
 # snapshot records their names, so a replay need not import the backends to compare them.
@@ -44,7 +43,7 @@ def _env_keys() -> list[str]:
 def load(config_path: str) -> dict | None:
     """The snapshot for this config if everything it was made from is unchanged, else None."""
     try:
-        snap = read_json(_file(config_path))
+        snap = read_memo(_file(config_path))
         if snap and snap["context"] == _context(snap["context"]["env"]) and stat_keys(snap["watched"]) == snap["stats"]:
             return snap
     except (OSError, ValueError, KeyError, TypeError):
@@ -104,7 +103,7 @@ def take(config_path: str, plan):
     snap = {"context": _context(_env_keys()), "watched": watched, "stats": before, "root": plan.root,
             "tasks": specs, "fresh": fresh}
     try:
-        atomic_write(_file(config_path), json.dumps(snap), durable=False)
+        write_memo(_file(config_path), snap)
         keep_newest(_file(config_path).parent, 64)
     except OSError:
         pass  # a read-only cache: the full path each time

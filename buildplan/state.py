@@ -17,7 +17,7 @@ from pathlib import Path
 
 from buildplan import backends, files
 from buildplan.core import Node
-from buildplan.files import atomic_write, read_json, safe_name, sha256_file, stat_key, tree_paths
+from buildplan.files import LOGS_DIR, atomic_write, read_json, read_memo, safe_name, sha256_file, stat_key, tree_paths, write_memo
 from buildplan.plan import Plan
 
 
@@ -45,7 +45,7 @@ class Store:
         self.plan = plan
         self.root = Path(plan.root)
         self.state_dir = self.root / ".state"
-        self.log_dir = self.root / "logs"
+        self.log_dir = self.root / LOGS_DIR
         self._hashcache: dict | None = None
         self._records: dict[str, tuple] = {}
         self._state_str = str(self.state_dir)
@@ -121,12 +121,18 @@ class Store:
             return hit[3]
         digest = sha256_file(path)
         cache[path] = key + [digest]
-        atomic_write(self.state_dir / "hashcache.json", json.dumps(cache))
+        self._write_memo("hashcache.json", cache)
         return digest
+
+    def _write_memo(self, name: str, value):
+        """A memo under .state/, only where artifacts/ already exists: a read-only command on a
+        config never built creates nothing."""
+        if self.root.is_dir():
+            write_memo(self.state_dir / name, value)
 
     def _load_hashcache(self) -> dict:
         if self._hashcache is None:
-            self._hashcache = read_json(self.state_dir / "hashcache.json") or {}
+            self._hashcache = read_memo(self.state_dir / "hashcache.json") or {}
         return self._hashcache
 
     def parts(self, node: Node) -> dict:
@@ -270,7 +276,7 @@ class Store:
 
     def _load_verdicts(self) -> dict:
         if self._verdicts is None:
-            self._verdicts = read_json(self.state_dir / self.VERDICTS) or {}
+            self._verdicts = read_memo(self.state_dir / self.VERDICTS) or {}
         return self._verdicts
 
     def _remember_fresh(self, node_id: str, key: str):
@@ -287,7 +293,7 @@ class Store:
             return
         keep = {k: v for k, v in self._verdicts.items() if k in self.plan.nodes}
         with contextlib.suppress(OSError):  # a read-only artifacts tree: no memo, still correct
-            atomic_write(self.state_dir / self.VERDICTS, json.dumps(keep), durable=False)
+            self._write_memo(self.VERDICTS, keep)
         self._verdicts_dirty = False
 
     # --- manifest ---------------------------------------------------------------------

@@ -8,15 +8,13 @@ stat keys: a no-op build only stats them.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 from buildplan.core import PYTHON
-from buildplan.files import atomic_write, cache_dir, read_json, sha256_file, stat_keys
+from buildplan.files import cache_dir, read_memo, sha256_file, stat_keys, write_memo
 
 
 
@@ -71,7 +69,7 @@ def memoised(name: str, watched: list[str], identify) -> Toolchain:
     key = f"{name}:{'|'.join(watched)}"
     stats = stat_keys(watched)
     memo_path = cache_dir() / "toolchains.json"
-    memo = read_json(memo_path) or {}
+    memo = read_memo(memo_path) or {}
     hit = memo.get(key)
     if isinstance(hit, dict) and hit.get("stats") == stats:
         with contextlib.suppress(TypeError):  # a damaged entry: identify again
@@ -80,7 +78,7 @@ def memoised(name: str, watched: list[str], identify) -> Toolchain:
     if tc.available:  # a missing toolchain is cheap to detect and its message depends on the env
         memo[key] = {"stats": stats, "toolchain": tc._asdict()}
         try:
-            atomic_write(memo_path, json.dumps(memo), durable=False)
+            write_memo(memo_path, memo)
         except OSError:
             pass  # a read-only cache: identify again next time
     return tc

@@ -36,7 +36,7 @@ MANAGED_FLAGS = ("--framework", "--model", "--output", "--input_format", "--inpu
 
 def _check_flag(flag: str):
     """(problem, fix) for an extra flag ATC must not get as written, else None."""
-    if not re.match(r"^--[a-z_0-9]+=\S.*$", flag):
+    if not re.fullmatch(r"--[a-z_0-9]+=\S.*", flag):  # match() with `$` let a trailing newline through
         return f"{flag!r} is not of the form --flag=value", "write each ATC flag as one --flag=value string"
     if flag.split("=", 1)[0] in MANAGED_FLAGS:
         return (f"{flag.split('=', 1)[0]} is set by the build itself",

@@ -7,6 +7,7 @@ Same preset, task and seed give the same bytes.
 from __future__ import annotations
 
 from buildplan.core import PYTHON, Node
+from buildplan.files import CHECKPOINTS_DIR
 
 STAGE_DOCS = {"checkpoint": "synthetic checkpoint"}
 MEMORY_MB = {"checkpoint": {"tiny": 800, "base": 6000}}  # peak RSS, measured (README), rounded up
@@ -22,7 +23,7 @@ def declare(plan, model, dims: dict, previous=None) -> dict:
         return {"node": None, "path": ck.path, "kind": ck.kind}
     node = plan.add(Node(
         id=f"checkpoint:{model.name}", stage="checkpoint", model=model.name,
-        outputs={"checkpoint": f"checkpoints/{model.name}.pth"}, action="export.synthetic:run", toolchain=PYTHON,
+        outputs={"checkpoint": f"{CHECKPOINTS_DIR}/{model.name}.pth"}, action="export.synthetic:run", toolchain=PYTHON,
         params={"preset": ck.preset, "seed": ck.seed, "task": model.task, "image_size": model.image_size},
         labels={},
     ), f"export:{model.name}")

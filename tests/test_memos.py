@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from buildplan import backends, codedeps, config, files, snapshot, state, toolchains
-from buildplan.files import keep_newest
+from buildplan.files import keep_newest, read_memo
 from buildplan.plan import build_plan
 from buildplan.state import Store
 from compile import tpu_mlir
@@ -42,7 +42,7 @@ def _no_full_check(monkeypatch):
 
 def test_fresh_verdicts_are_remembered_and_used(exported, monkeypatch):
     store = _store(exported)
-    remembered = json.loads((store.state_dir / Store.VERDICTS).read_text())
+    remembered = read_memo(store.state_dir / Store.VERDICTS)
     assert set(remembered) == {"checkpoint:m", "onnx:m"}
     _no_full_check(monkeypatch)
     assert store.check(store.plan.nodes["onnx:m"]) == []
