@@ -8,6 +8,7 @@ from pathlib import Path
 from doit.cmd_base import DoitCmdBase
 
 from buildplan.distributed import DaskRun
+from buildplan.files import MANIFEST
 
 
 def _plan():
@@ -44,14 +45,19 @@ class Stale(DoitCmdBase):
     def _execute(self, as_json=False, check=False, remote=False):
         from buildplan import report
 
+        from buildplan.session import store_for
+
         plan = _plan()
         stale = report.stale_nodes(plan)
         in_cache = report.in_cache(plan, stale) if remote else None
+        manifest = store_for(plan.config.path).manifest_problem()
         self.dep_manager.close()
-        text = json.dumps(report.as_json(plan, stale, in_cache), indent=1) if as_json else \
+        text = json.dumps({**report.as_json(plan, stale, in_cache), "manifest": manifest}, indent=1) if as_json else \
             report.as_text(plan, stale, in_cache)
+        if manifest and not as_json:
+            text = f"{manifest}: any build (`doit`) or `doit verify --fix` rewrites it\n\n{text}"
         _print_to_a_pipe(text)
-        return 1 if (check and stale) else 0
+        return 1 if (check and (stale or manifest)) else 0
 
 
 def verify_outputs(plan, fix: bool) -> dict[str, list[str]]:
@@ -67,6 +73,9 @@ def verify_outputs(plan, fix: bool) -> dict[str, list[str]]:
             damaged[node.id] = problems
             if fix:
                 store.drop(node.id)
+    manifest = store.manifest_problem()
+    if manifest:
+        damaged[MANIFEST] = [manifest]
     if fix and damaged:
         store.write_manifest()
     return damaged
@@ -91,7 +100,8 @@ class Verify(DoitCmdBase):
             print(json.dumps({"damaged": damaged, "fixed": fix}, indent=1))
         else:
             for node_id, problems in damaged.items():
-                print(f"{node_id}: damaged" + (" (record dropped: rebuilt by the next build)" if fix else ""))
+                fixed = " (rewritten)" if node_id == MANIFEST else " (record dropped: rebuilt by the next build)"
+                print(f"{node_id}: damaged" + (fixed if fix else ""))
                 for p in problems:
                     print(f"    - {p}")
             print(f"verify: {len(damaged)} damaged artifact(s)" + ("" if damaged else ", every recorded output matches"))

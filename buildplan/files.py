@@ -14,6 +14,7 @@ CODE_DIRS = ("buildplan", "export", "compile")  # every module that can change a
 # Top-level folders of artifacts/ that are not a model's (each model builds under artifacts/<name>/).
 LOGS_DIR, REPORTS_DIR, CHECKPOINTS_DIR = "logs", "reports", "checkpoints"
 LAYOUT_DIRS = (LOGS_DIR, REPORTS_DIR, CHECKPOINTS_DIR)
+MANIFEST = "manifest.json"  # what consumers read: every built, declared artifact
 
 
 def sha256_file(path: str | Path, limit: int | None = None) -> str:

@@ -69,6 +69,7 @@ def _watched(plan) -> list[str]:
         backends.toolchain(name, plan.config)  # fills WATCHED[name]
         paths += toolchains.WATCHED[name]
     store = Store(plan)
+    paths.append(str(store.root / files.MANIFEST))  # a damaged or deleted manifest sends the next run the full way
     for node in plan.nodes.values():
         paths += store.input_files(node)
     return list(dict.fromkeys(paths))  # an upstream record is an input of each of its consumers
@@ -95,6 +96,8 @@ def take(config_path: str, plan):
     if _watched(plan) != watched:
         return
     store = state.Store(plan)
+    if store.manifest_problem():
+        return  # the next build, on the full path, rewrites it first
     fresh = sorted(store.fresh_closure())
     store.save_verdicts()
     specs = task_specs(plan)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from buildplan import backends, files
 from buildplan.core import Node
-from buildplan.files import LOGS_DIR, atomic_write, read_json, read_memo, safe_name, sha256_file, stat_key, tree_paths, write_memo
+from buildplan.files import LOGS_DIR, MANIFEST, atomic_write, read_json, read_memo, safe_name, sha256_file, stat_key, tree_paths, write_memo
 from buildplan.plan import Plan
 
 
@@ -210,19 +210,23 @@ class Store:
         the problems found, [] when the outputs are exactly as recorded or nothing is recorded."""
         rec = self.read(node.id)
         if rec is None:
-            return []
+            if os.path.exists(self._record_file(node.id)):
+                return [f"record {os.path.basename(self._record_file(node.id))} is unreadable (damaged); "
+                        "the next build rebuilds it"]
+            return []  # never built
         problems = []
         for rel, meta in rec["outputs"].items():
             path = self.root / rel
             try:
-                size = path.stat().st_size
+                st = path.stat()
             except FileNotFoundError:
                 problems.append(f"{rel}: missing")
                 continue
-            if size != meta["size"]:
-                problems.append(f"{rel}: {size} bytes, recorded {meta['size']}")
+            if st.st_size != meta["size"]:
+                problems.append(f"{rel}: {st.st_size} bytes, recorded {meta['size']}")
             elif sha256_file(path) != meta["sha256"]:
-                problems.append(f"{rel}: content differs from the record (sha256), size and mtime unchanged")
+                how = "size and mtime unchanged" if st.st_mtime_ns == meta["mtime_ns"] else "same size, modified since"
+                problems.append(f"{rel}: content differs from the record (sha256), {how}")
         return problems
 
     def is_fresh(self, node: Node) -> bool:
@@ -307,19 +311,37 @@ class Store:
     def write_manifest(self):
         """artifacts/manifest.json always lists exactly the committed records whose outputs exist."""
         with self._manifest_lock():
-            entries = []
-            for p in sorted(self.state_dir.glob("*.json")):
-                if p.name in ("hashcache.json", self.VERDICTS):
-                    continue
-                rec = read_json(p)
-                if not valid_record(rec, rec.get("node") if rec else None) or rec["node"] not in self.plan.nodes:
-                    continue  # dropped by a task that just started (parallel builds), damaged, or no longer declared
-                for rel, meta in rec["outputs"].items():
-                    if (self.root / rel).exists():
-                        entries.append({"path": rel, **meta, "node": rec["node"], "stage": rec["stage"],
-                                        "model": rec["model"], "labels": rec.get("labels", {}),
-                                        "fingerprint": rec["fingerprint"], "record": str(p.relative_to(self.root))})
-            atomic_write(self.root / "manifest.json", json.dumps({"artifacts": entries}, indent=1))
+            atomic_write(self.root / MANIFEST, json.dumps(self.expected_manifest(), indent=1))
+
+    def manifest_problem(self) -> str | None:
+        """Why artifacts/manifest.json is not what consumers should read (missing, damaged, or not
+        listing exactly what is built), or None. Any build repairs it; so does `doit verify --fix`."""
+        expected = self.expected_manifest()
+        path = self.root / MANIFEST
+        if not path.exists():
+            return f"{path} is missing" if expected["artifacts"] else None
+        found = read_json(path)
+        if found is None:
+            return f"{path} is damaged (not a JSON object)"
+        if found != expected:
+            return f"{path} does not list exactly the built artifacts"
+        return None
+
+    def expected_manifest(self) -> dict:
+        """What manifest.json should say: every valid, declared record whose outputs exist."""
+        entries = []
+        for p in sorted(self.state_dir.glob("*.json")):
+            if p.name in ("hashcache.json", self.VERDICTS):
+                continue
+            rec = read_json(p)
+            if not valid_record(rec, rec.get("node") if rec else None) or rec["node"] not in self.plan.nodes:
+                continue  # dropped by a task that just started (parallel builds), damaged, or no longer declared
+            for rel, meta in rec["outputs"].items():
+                if (self.root / rel).exists():
+                    entries.append({"path": rel, **meta, "node": rec["node"], "stage": rec["stage"],
+                                    "model": rec["model"], "labels": rec.get("labels", {}),
+                                    "fingerprint": rec["fingerprint"], "record": str(p.relative_to(self.root))})
+        return {"artifacts": entries}
 
 
 def undeclared(store: "Store") -> dict[str, list[str]]:

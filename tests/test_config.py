@@ -117,7 +117,7 @@ RAW_CASES = {
     "alias bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
         f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9)) + "models: *j\n",
-                   "", "aliases"),
+                   "line ", "aliases"),
     "deep nesting": ("models: " + "[" * 1000 + "]" * 1000 + "\n", "", "nested"),
 }
 

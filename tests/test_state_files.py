@@ -1,11 +1,14 @@
 """Small state-hygiene guarantees: files follow the umask, toolchain processes die with the build,
 and scratch folders of killed runs are cleaned by the next build."""
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
 import time
+
+import pytest
 
 from conftest import REPO, doit, executed, write_config
 
@@ -131,3 +134,59 @@ def test_read_only_commands_never_lock_whatever_their_options():
     assert not is_build(["--dir", ".", "stale", "--json"]) and not is_build(["verify"])
     assert is_build([]) and is_build(["-n", "2", "compile:bm1684x"]) and is_build(["-f", "dodo.py"])
     assert is_build(["verify", "--fix"]) and is_build(["nightly", "--report-dir", "r"])
+
+
+@pytest.mark.parametrize("damage", ["garbage", "deleted", "edited"])
+def test_a_damaged_or_deleted_manifest_is_reported_and_repaired(tmp_path, damage):
+    """The manifest is what consumers read: damaged or gone, `doit` said nothing to do, verify
+    said 0 damaged and `stale --check` exited 0, until something rebuilt."""
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    doit(cfg, atc=True)
+    doit(cfg, atc=True)  # a replayed no-op from here on
+    assert doit(cfg, "stale", "--check", atc=True).returncode == 0
+    manifest = root / "manifest.json"
+    good = json.loads(manifest.read_text())
+    assert {a["node"].split(":")[0] for a in good["artifacts"]} == {"checkpoint", "onnx", "simplify", "om"}
+    if damage == "garbage":
+        manifest.write_bytes(b"\xff\xfe")
+    elif damage == "deleted":
+        manifest.unlink()
+    else:
+        manifest.write_text(json.dumps({"artifacts": good["artifacts"][:1]}))
+    check = doit(cfg, "stale", "--check", atc=True, check=False)
+    assert check.returncode == 1 and "manifest.json" in check.stdout, check.stdout
+    assert json.loads(doit(cfg, "stale", "--json", atc=True, check=False).stdout)["manifest"]
+    found = doit(cfg, "verify", atc=True, check=False)
+    assert found.returncode == 1 and "manifest.json" in found.stdout, found.stdout
+    assert damage != "garbage" or manifest.read_bytes() == b"\xff\xfe"  # verify without --fix only reads
+    proc = doit(cfg, atc=True)
+    assert executed(proc) == [] and json.loads(manifest.read_text()) == good  # a no-op repairs it
+    assert doit(cfg, "stale", "--check", atc=True).returncode == 0 and doit(cfg, "verify", atc=True).returncode == 0
+
+
+def test_verify_fix_repairs_the_manifest_and_reports_unreadable_records(tmp_path):
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    doit(cfg, "export:m")
+    (root / "manifest.json").unlink()
+    (root / ".state" / "onnx__m.json").write_text("{not json")
+    found = doit(cfg, "verify", check=False)
+    assert found.returncode == 1 and "onnx:m" in found.stdout and "unreadable" in found.stdout, found.stdout
+    assert "0 damaged" not in found.stdout
+    doit(cfg, "verify", "--fix", check=False)
+    assert (root / "manifest.json").exists()
+    assert executed(doit(cfg, "export:m")) == ["onnx:m"]
+    assert doit(cfg, "verify").returncode == 0
+
+
+def test_verify_says_what_changed_about_a_damaged_output(tmp_path):
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    doit(cfg, "export:m")
+    onnx = root / "m" / "onnx" / "BLIP_text.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx.write_bytes(bytes(data))  # same size, new mtime
+    found = doit(cfg, "verify", check=False).stdout
+    assert "BLIP_text.onnx" in found and "mtime unchanged" not in found and "modified" in found, found
