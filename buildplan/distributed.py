@@ -63,6 +63,11 @@ class DaskRun(Run):
         kwargs = dict(verbosity=verbosity, always=always, continue_=continue_, reporter=reporter,
                       single=single, auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
                       failure_verbosity=failure_verbosity, pdb=pdb)
+        if par_type == "thread" and num_process:
+            # each task sends its tools' output to its log by redirecting fds 1 and 2, which belong
+            # to the whole process: under threads, other tasks' console lines would land there too
+            raise InvalidCommand("-P thread is not supported: tasks redirect the process's own output to their "
+                                 "logs. Use -P process (doit's default for -n N) or -P dask")
         if par_type != "dask":
             if dask_scheduler:
                 raise InvalidCommand("--dask-scheduler needs -P dask")

@@ -89,9 +89,20 @@ def _clean_dead_staging(staging: Path) -> None:
         pid = d.suffix[1:]
         if not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not _alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            pass  # another user's process, alive; or not a pid at all
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs: a zombie (dead, not yet reaped by its parent) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process; or not a pid at all: leave its folder alone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(") ")[2][:1] != "Z"  # the state follows the command's name
+    except OSError:
+        return True

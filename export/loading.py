@@ -104,20 +104,35 @@ def new_model(task: str, dims: dict, image_size: int | None = None):
     return model.eval()
 
 
+def _unsafe_pickle(path, e: Exception) -> CheckpointError:
+    # torch's message opens with advice to retry with weights_only=False: exactly what must not
+    # be done with a file like this. Keep only its line naming what the pickle asked for.
+    what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+    return CheckpointError(
+        f"{path}: refused to load: the file's pickle wants to run code or build objects that are not "
+        f"plain tensors{f' ({what})' if what else ''}. Only weight files are accepted; re-save it as "
+        f"{{'model': state_dict}} (or as safetensors) from a trusted environment.")
+
+
+def _pickle_refused_in(folder: str, e: Exception) -> CheckpointError:
+    """Which pickled weight file of a transformers folder torch refused (transformers does not say)."""
+    for candidate in sorted(Path(folder).glob("*.bin")) + sorted(Path(folder).glob("*.pt*")):
+        try:
+            torch.load(candidate, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as found:
+            return _unsafe_pickle(candidate, found)
+        except Exception:  # noqa: BLE001, S112 - damaged in another way: not the file refused here
+            continue
+    return _unsafe_pickle(folder, e)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a .pth safely: weights_only refuses any pickle that would run code."""
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message opens with advice to retry with weights_only=False: exactly what must not
-        # be done with a file like this. Keep only its line naming what the pickle asked for.
-        what = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-        raise CheckpointError(
-            f"{path}: refused to load: the file's pickle wants to run code or build objects that are not "
-            f"plain tensors{f' ({what})' if what else ''}. Only weight files are accepted; re-save it as "
-            f"{{'model': state_dict}} from a trusted environment."
-        ) from None
+        raise _unsafe_pickle(path, e) from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -150,6 +165,8 @@ def load_model(checkpoint_path: str, kind: str, task: str, dims: dict):
         cls = getattr(transformers, TASK_CLASSES[task])
         try:
             model = cls.from_pretrained(checkpoint_path, attn_implementation="eager", local_files_only=True)
+        except pickle.UnpicklingError as e:
+            raise _pickle_refused_in(checkpoint_path, e) from None
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{checkpoint_path}: not a loadable transformers {cls.__name__} folder: {e}") from None
         return model.eval(), {"ignored": [], "interpolated_pos_embed": None}

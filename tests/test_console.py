@@ -70,3 +70,15 @@ def test_stale_reads_in_order_says_a_missing_toolchain_once_and_survives_a_close
     proc = subprocess.run(f"doit stale --json config={cfg} | head -1", shell=True, cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "{" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+def test_thread_parallelism_is_refused_before_any_work(tmp_path):
+    """With -P thread, console lines and the summary landed in one task's log (the fd-level
+    redirect is process-wide); it is refused with the fix instead."""
+    root = tmp_path / "artifacts"
+    model = [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 3}, "graphs": ["BLIP_text"],
+              "targets": {"ascend310p3": {"batch_sizes": [1]}}}]
+    cfg = write_config(tmp_path / "models.yaml", model, root)
+    proc = doit(cfg, "-n", "2", "-P", "thread", check=False)
+    assert proc.returncode != 0 and "-P thread is not supported" in proc.stdout + proc.stderr
+    assert "-P process" in proc.stdout + proc.stderr and not list(root.glob("**/*.onnx"))

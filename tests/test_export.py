@@ -1,5 +1,6 @@
 """Export stage: loading, key mapping, refusals, decoding equivalence, graph specs."""
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,22 @@ def test_malicious_pickle_refused(tmp_path):
         loading.read_state_dict(p)
     # it names what the pickle wanted, and never relays torch's "retry with weights_only=False"
     assert ("GLOBAL" in str(err.value) or "Unsupported" in str(err.value)) and "weights_only" not in str(err.value)
+
+
+def test_malicious_weights_in_a_transformers_folder_refused_by_name(tmp_path):
+    """A save_pretrained folder whose pytorch_model.bin runs code: refused, naming the file, and
+    without torch's advice to retry with weights_only=False."""
+    from export.presets import resolve_dims
+
+    folder = tmp_path / "hf"
+    loading.new_model("retrieval", resolve_dims("tiny", "retrieval", None)).save_pretrained(folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"x": torch.zeros(1), "payload": _Evil()}, folder / "pytorch_model.bin")
+    with pytest.raises(loading.CheckpointError, match="refused to load") as err:
+        loading.load_model(str(folder), "hf_dir", "retrieval", resolve_dims("tiny", "retrieval", None))
+    assert "pytorch_model.bin" in str(err.value) and "weights_only" not in str(err.value), str(err.value)
+    assert not Path("/tmp/blipc_pwned").exists()
 
 
 def test_truncated_and_foreign_files_named(tmp_path, checkpoints):

@@ -190,3 +190,21 @@ def test_verify_says_what_changed_about_a_damaged_output(tmp_path):
     onnx.write_bytes(bytes(data))  # same size, new mtime
     found = doit(cfg, "verify", check=False).stdout
     assert "BLIP_text.onnx" in found and "mtime unchanged" not in found and "modified" in found, found
+
+
+def test_scratch_of_a_dead_but_unreaped_worker_is_cleaned(tmp_path):
+    """After a kill -9 of `doit -n 2`, its workers can linger as zombies, which os.kill(pid, 0)
+    counts as alive: their scratch folders were kept forever."""
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 10
+    while time.time() < deadline and open(f"/proc/{zombie.pid}/stat").read().split(") ")[1][0] != "Z":
+        time.sleep(0.05)
+    scratch = root / ".staging" / f"onnx__m.{zombie.pid}"
+    (scratch / "out").mkdir(parents=True)
+    try:
+        doit(cfg, "checkpoint:m")
+        assert not scratch.exists()
+    finally:
+        zombie.wait()
