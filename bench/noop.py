@@ -105,8 +105,8 @@ def main():
         print(f"{label:43s} {ms(walls, statistics.median):5.0f} / {ms(cpus, statistics.median):3.0f} ms"
               f"      {ms(walls, min):5.0f} / {ms(cpus, min):3.0f} ms")
     for label, base in (("uptodate=True", bare), ("run_once", bare_once)):
-        ratio = lambda f: f(w for w, _ in ours) / f(w for w, _ in base)  # noqa: E731
-        per_round = statistics.median(o[0] / b[0] for o, b in zip(ours, base))
+        ratio = lambda f, base=base: f(w for w, _ in ours) / f(w for w, _ in base)  # noqa: E731
+        per_round = statistics.median(o[0] / b[0] for o, b in zip(ours, base, strict=True))
         print(f"no-op / bare ({label}): {ratio(statistics.median):.2f}x (medians), {ratio(min):.2f}x (minimums), "
               f"{per_round:.2f}x (median of per-round ratios)")
     print(f"plan, cold (importing config and plan, config load, build_plan): {cold_plan_ms(11):.1f} ms")

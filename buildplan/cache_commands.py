@@ -117,7 +117,7 @@ def verify(plan, cache, names, fix: bool = False, **_) -> int:
         body = cache.store.open_blob(sha)
         h = hashlib.sha256()
         with body:
-            for chunk in iter(lambda: body.read(cache_mod.CHUNK), b""):
+            for chunk in iter(lambda body=body: body.read(cache_mod.CHUNK), b""):
                 h.update(chunk)
         if h.hexdigest() != sha:
             corrupt.append(sha)

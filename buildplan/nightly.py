@@ -194,7 +194,7 @@ def _trends(history: list[dict], doc: dict) -> str:
     flagged = 0
     for name in names:
         cells = []
-        for title, field, higher, margin, floor in TRENDS:
+        for _title, field, higher, margin, floor in TRENDS:
             series = [n["artifacts"].get(name, {}).get(field) for n in nights]
             bad = regressions(series, higher, margin, floor)
             flagged += bad

@@ -315,5 +315,5 @@ def clean_task(config_path: str, node_id: str):
     store.drop(node_id)
     for rel in store.plan.nodes[node_id].paths:
         with contextlib.suppress(FileNotFoundError):
-            (Path(plan.root) / rel).unlink()
+            (store.root / rel).unlink()
     store.write_manifest()

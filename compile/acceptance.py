@@ -18,7 +18,7 @@ def accept(spec, reference: dict, produced: list, precision: str) -> dict:
     if len(produced) != len(spec.outputs):
         raise StageError(f"{spec.name}: {len(produced)} outputs, the spec has {len(spec.outputs)}")
     candidate = {}
-    for t, got in zip(spec.outputs, produced):
+    for t, got in zip(spec.outputs, produced, strict=True):
         ref = reference[t.name]
         if got.size != ref.size:
             raise StageError(f"{spec.name}: output {t.name} has shape {list(got.shape)}, reference {list(ref.shape)}")

@@ -175,7 +175,7 @@ def run_transform(node: Node, ctx) -> dict:
     from export.reference import read_io
 
     p = node.params
-    graph, bs = p["graph"], p["batch"]
+    graph = p["graph"]
     work = ctx.workdir()
     inputs, reference = read_io(ctx.input("reference"))
     np.savez(work / "test_input.npz", **inputs)

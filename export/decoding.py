@@ -6,12 +6,15 @@ runtime is held to the same loop that is proven equal to transformers' generate(
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from export.presets import PAD_ID, SEP_ID
 
 
-def greedy_loop(step: Callable[[dict], "np.ndarray"], feeds: dict, ids_name: str, prompt_ids, length: int) -> np.ndarray:
+def greedy_loop(step: Callable[[dict], np.ndarray], feeds: dict, ids_name: str, prompt_ids, length: int) -> np.ndarray:
     """Token ids [B, length]: the prompt, then one step call per new token; PAD after EOS.
 
     `step(feeds)` returns next_ids [B, length], where next_ids[:, t] follows ids[:, :t+1]."""

@@ -86,7 +86,6 @@ def simplify_static(model, input_shapes: dict):
 
 
 def run(node: Node, ctx) -> dict:
-    import numpy as np
     import onnx
     import onnxruntime as ort
 
@@ -110,9 +109,9 @@ def run(node: Node, ctx) -> dict:
     check_onnx_io(out_onnx, spec, p["dims"], p["batch"])
     feeds = make_inputs(spec, p["dims"], p["batch"], seed=p["sample_seed"])
     ref_sess = ort.InferenceSession(str(raw_path), providers=["CPUExecutionProvider"])
-    ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feeds)))
+    ref = dict(zip([o.name for o in ref_sess.get_outputs()], ref_sess.run(None, feeds), strict=True))
     sess = ort.InferenceSession(str(out_onnx), providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     for name, shape in spec.output_shapes(p["dims"], p["batch"]).items():
         if list(got[name].shape) != shape:
             raise GateError(f"{spec.name} bs{p['batch']}: output {name} has shape {list(got[name].shape)}, spec says {shape}")

@@ -45,9 +45,9 @@ def declare(plan, model, dims: dict, ckpt: dict) -> str:
 def signature(spec, dims, batch) -> dict:
     return {
         "inputs": [{"name": t.name, "shape": s, "dtype": t.dtype} for t, s in
-                   zip(spec.inputs, spec.shapes(dims, batch).values())],
+                   zip(spec.inputs, spec.shapes(dims, batch).values(), strict=True)],
         "outputs": [{"name": t.name, "shape": s, "dtype": t.dtype} for t, s in
-                    zip(spec.outputs, spec.output_shapes(dims, batch).values())],
+                    zip(spec.outputs, spec.output_shapes(dims, batch).values(), strict=True)],
     }
 
 
@@ -76,7 +76,7 @@ def check_onnx_io(path, spec, dims, batch: int | None = None) -> None:
         got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in actual]
         want = [(t.name, t.dtype, [first] + s[1:]) for t, s in
-                zip(declared, [list(x) for x in (spec.shapes(dims, 1) if kind == "input" else spec.output_shapes(dims, 1)).values()])]
+                zip(declared, [list(x) for x in (spec.shapes(dims, 1) if kind == "input" else spec.output_shapes(dims, 1)).values()], strict=True)]
         if got != want:
             raise GateError(f"{spec.name}: ONNX {kind}s {got} do not match the spec {want}")
 
@@ -150,8 +150,8 @@ def run(node: Node, ctx) -> dict:
             with torch.no_grad():
                 ref = module(*(torch.from_numpy(v) for v in feeds.values()))
             ref = {spec.outputs[0].name: ref.numpy()} if isinstance(ref, torch.Tensor) else \
-                {t.name: r.numpy() for t, r in zip(spec.outputs, ref)}
-            got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+                {t.name: r.numpy() for t, r in zip(spec.outputs, ref, strict=True)}
+            got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
             per_batch[f"bs{bs}"] = worst(compare(ref, got, spec.atol, spec.discrete_outputs))
         figures[name] = {"onnx_vs_torch": per_batch}
         if spec.decoding:

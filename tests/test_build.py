@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from buildplan import backends, codedeps, config, files, report, state
+from buildplan import backends, config, files, report, state
 from buildplan.plan import build_plan
 from conftest import REPO, STANDIN_BIN, doit, executed, repo_copy, write_config
 from export.synthetic import save, synthetic_state_dict

@@ -143,7 +143,7 @@ def test_artifacts_and_checkpoint_paths_that_cannot_be_used(tmp_path):
     a_file.write_text("x")
     for bad, problem in ((str(a_file), "not a directory"), (str(loop / "x"), "not a usable path")):
         path = tmp_path / "models.yaml"
-        path.write_text(yaml.safe_dump(mutate(lambda r: r.update(artifacts=bad))))
+        path.write_text(yaml.safe_dump(mutate(lambda r, bad=bad: r.update(artifacts=bad))))
         with pytest.raises(config.ConfigError, match=problem):
             config.load(path)
     path.write_text(yaml.safe_dump(mutate(lambda r: r["models"][0].update(checkpoint=str(loop)))))

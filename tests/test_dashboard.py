@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 
@@ -62,7 +61,7 @@ def test_nightly_dashboard_in_a_browser(tmp_path):
                            "ascend310p3": {"graphs": ["BLIP_image"]}}}]
     cfg = write_config(tmp_path / "models.yaml", models, tmp_path / "artifacts")
     reports = tmp_path / "artifacts" / "reports"
-    for night in range(3):
+    for _night in range(3):
         proc = doit(cfg, "nightly", check=False)
         assert proc.returncode == 1, proc.stdout + proc.stderr  # the failure, every night
     history = [json.loads(line) for line in (reports / "history.jsonl").read_text().splitlines()]

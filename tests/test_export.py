@@ -252,7 +252,6 @@ def test_step_decoder_loop_equals_generate(checkpoints, task, graph, sep_bias):
 def test_vqa_graphs_answer_as_blip_does_for_an_unpadded_question(checkpoints):
     """BLIP encodes one question without padding. Our graphs take it padded to L plus its mask and
     must give transformers' BlipForQuestionAnswering.generate() answer for the unpadded question."""
-    from export.decoding import greedy_loop, loop_settings
 
     model, dims = _model_with_sep_bias(checkpoints, "vqa", 0.0)
     pixels = make_inputs(GRAPHS["blip_vqa_venc"], dims, 1, seed=3)["pixel_values"]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from buildplan import backends, codedeps, config, files, snapshot, state, toolchains
+from buildplan import backends, config, files, snapshot, state, toolchains
 from buildplan.files import keep_newest, read_memo
 from buildplan.plan import build_plan
 from buildplan.state import Store

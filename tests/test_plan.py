@@ -2,7 +2,6 @@
 import collections
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 

@@ -208,3 +208,18 @@ def test_scratch_of_a_dead_but_unreaped_worker_is_cleaned(tmp_path):
         assert not scratch.exists()
     finally:
         zombie.wait()
+
+
+def test_doit_clean_removes_outputs_record_and_manifest_entry(tmp_path):
+    """`doit clean` raised NameError (swallowed by doit): the outputs stayed while the record went."""
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    doit(cfg, "export:m")
+    onnx = root / "m" / "onnx" / "BLIP_text.onnx"
+    assert onnx.exists()
+    proc = doit(cfg, "clean", "onnx:m")
+    assert "Traceback" not in proc.stdout + proc.stderr and "NameError" not in proc.stdout + proc.stderr
+    assert not onnx.exists() and not (root / ".state" / "onnx__m.json").exists()
+    listed = {a["node"] for a in json.loads((root / "manifest.json").read_text())["artifacts"]}
+    assert "onnx:m" not in listed and "checkpoint:m" in listed
+    assert executed(doit(cfg, "export:m")) == ["onnx:m"]  # a rebuild rebuilds it (its bs1 graph is unchanged)
