@@ -13,7 +13,17 @@ from pathlib import Path
 
 from doit import get_var
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+import buildplan  # noqa: E402
+
+if Path(buildplan.__file__).resolve().parent.parent != _HERE:
+    # doit loads its plugins (ours) before this file: a .venv made by another checkout's
+    # ./bootstrap.sh (an editable install) runs that checkout's code and models.yaml
+    print(f"error: this checkout ({_HERE}) is being run by an environment that runs the code of "
+          f"{Path(buildplan.__file__).resolve().parent.parent}.\n  fix: run ./bootstrap.sh here and use "
+          f"{_HERE}/.venv/bin/doit", file=sys.stderr)
+    sys.exit(2)
 # Where PYTHONDONTWRITEBYTECODE is set, a module edited since ./bootstrap.sh would be compiled
 # from source on every run (~25 ms for the modules a no-op imports): keep their bytecode.
 _dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, False
