@@ -168,11 +168,11 @@ class BuildReporter(ConsoleReporter):
             self._live = False
 
     def _tick(self) -> None:
-        from buildplan import distributed
+        from buildplan import executor
 
         while True:
             time.sleep(1)
-            where = distributed.running_on()  # a scheduler query, outside the lock
+            where = executor.current().running_on()  # a scheduler query, outside the lock
             with self._lock:
                 if not self.running:
                     continue
@@ -182,7 +182,7 @@ class BuildReporter(ConsoleReporter):
                     elapsed = now - start
                     eta = f", ~{max(expected - elapsed, 0):.0f} s left" if expected else ""
                     place = (f" on worker {where[name]}" if name in where else " waiting for a worker or memory") \
-                        if distributed.active() else ""
+                        if executor.remote() else ""
                     shown.append(f"{name} {elapsed:.0f} s{eta}{place}")
                 done = len(self.built) + len(self.failed) + self.up_to_date + self.blocked
                 counted = f"[{done}/{self.total}] " if self.total else ""

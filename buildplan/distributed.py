@@ -39,14 +39,6 @@ MARGIN_MB = 2048  # left to the OS and this process when sizing a LocalCluster
 GUARD_FACTOR = 3.0  # the guard kills a task using this many times the memory it asked for
 DEFAULT_MB = 2048  # a stage that declares no estimate
 
-_client = None
-_largest_mb = 0.0
-_pool: MemoryPool | None = None
-
-
-def active() -> bool:
-    return _client is not None
-
 
 class DaskRun(Run):
     """doit's `run`, plus `-P dask`."""
@@ -72,22 +64,24 @@ class DaskRun(Run):
             if dask_scheduler:
                 raise InvalidCommand("--dask-scheduler needs -P dask")
             return super()._execute(outfile, num_process=num_process, par_type=par_type, **kwargs)
-        with cluster(num_process, dask_scheduler or os.environ.get(SCHEDULER_ENV)) as threads:
+        with cluster(num_process, dask_scheduler or os.environ.get(SCHEDULER_ENV)) as dask:
             # doit's threads only wait on Dask futures: one per worker keeps every worker busy
-            return super()._execute(outfile, num_process=threads, par_type="thread", **kwargs)
+            return super()._execute(outfile, num_process=dask.workers, par_type="thread", **kwargs)
 
 
 @contextlib.contextmanager
 def cluster(num_process: int, address: str | None):
     """A Dask client for this build: the scheduler at `address`, else a LocalCluster of
-    `num_process` workers (default: as many as the cores and memory allow)."""
-    global _client, _largest_mb, _pool
+    `num_process` workers (default: as many as the cores and memory allow), installed as this
+    process's executor for the block."""
     import logging
+
+    from buildplan import executor
 
     import psutil
     from distributed import Client, LocalCluster
 
-    local = None
+    local = pool = None
     if address:
         client = Client(address, timeout="20s")
     else:
@@ -98,35 +92,39 @@ def cluster(num_process: int, address: str | None):
                              memory_limit=0,  # Dask's own monitor sees the worker, not its toolchain children
                              silence_logs=logging.ERROR)
         client = Client(local)
-        _pool = MemoryPool(pool_mb)
+        pool = MemoryPool(pool_mb)
     try:
         info = client.scheduler_info()["workers"]
         mems = [w.get("resources", {}).get("MEM", 0) for w in info.values()]
-        _largest_mb = max(mems, default=0)
-        memory = (f"sharing {_pool.total_mb:.0f} MB" if _pool else
+        memory = (f"sharing {pool.total_mb:.0f} MB" if pool else
                   f"MEM {', '.join(f'{m:.0f}' for m in mems)} MB")
         print(f"dask: {len(info)} workers ({memory}), dashboard {client.dashboard_link}", file=sys.stderr)
-        _client = client
-        yield max(1, len(info))
+        with executor.using(DaskExecutor(client, pool, max(mems, default=0), max(1, len(info)))) as dask:
+            yield dask
     finally:
-        _client = None
-        _pool = None
         client.close()
         if local is not None:
             local.close()
 
 
-def running_on() -> dict[str, str]:
-    """node id -> the name of the worker running it now (for the live progress line)."""
-    client = _client
-    if client is None:
-        return {}
-    try:
-        names = {addr: str(w.get("name")) for addr, w in client.scheduler_info()["workers"].items()}
-        return {key.rsplit("-", 1)[0]: names.get(addr, addr)
-                for addr, keys in client.processing().items() for key in keys}
-    except Exception:  # noqa: BLE001 - the cluster going away is reported by the tasks themselves
-        return {}
+class DaskExecutor:
+    """Runs each task's work on a Dask worker; freshness, records and doit's database stay here."""
+    name = "dask"
+
+    def __init__(self, client, pool: MemoryPool | None, largest_mb: float, workers: int):
+        self.client, self.pool, self.largest_mb, self.workers = client, pool, largest_mb, workers
+
+    def running_on(self) -> dict[str, str]:
+        """node id -> the name of the worker running it now (for the live progress line)."""
+        try:
+            names = {addr: str(w.get("name")) for addr, w in self.client.scheduler_info()["workers"].items()}
+            return {key.rsplit("-", 1)[0]: names.get(addr, addr)
+                    for addr, keys in self.client.processing().items() for key in keys}
+        except Exception:  # noqa: BLE001 - the cluster going away is reported by the tasks themselves
+            return {}
+
+    def run(self, config_path: str, node_id: str):
+        return run_remote(self, config_path, node_id)
 
 
 def memory_need(store, node) -> float:
@@ -141,7 +139,7 @@ def memory_need(store, node) -> float:
     return float(memory_estimate(node.stage, arch) or DEFAULT_MB)
 
 
-def run_remote(config_path: str, node_id: str):
+def run_remote(dask: DaskExecutor, config_path: str, node_id: str):
     """The doit action of a node while a Dask build runs: the work on a worker, the record here."""
     from doit.exceptions import TaskFailed
 
@@ -150,13 +148,13 @@ def run_remote(config_path: str, node_id: str):
     store = store_for(config_path)
     node = store.plan.nodes[node_id]
     need = memory_need(store, node)
-    if need > _largest_mb:
+    if need > dask.largest_mb:
         return TaskFailed(f"{node_id} needs about {need:.0f} MB of memory; the largest Dask worker offers "
-                          f"{_largest_mb:.0f} MB (MEM resource). Start workers with more "
+                          f"{dask.largest_mb:.0f} MB (MEM resource). Start workers with more "
                           f"(`dask worker --resources MEM=<MB>`, or {POOL_ENV} for a local cluster) "
                           "or fewer per machine.")
-    with _pool.lease(need) if _pool else contextlib.nullcontext():
-        future = _client.submit(work, config_path, node_id, need, store.plan.root, resources={"MEM": need},
+    with dask.pool.lease(need) if dask.pool else contextlib.nullcontext():
+        future = dask.client.submit(work, config_path, node_id, need, store.plan.root, resources={"MEM": need},
                                 key=f"{node_id}-{uuid.uuid4().hex[:8]}", pure=False)
         try:
             status, message = future.result()

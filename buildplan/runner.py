@@ -168,16 +168,12 @@ def _out_of_space_message(node_id: str, e: OSError, root: Path) -> str:
 
 
 def run_task(config_path: str, node_id: str, build: bool = True, placement: dict | None = None):
-    """doit action. Returns None on success, a TaskFailed with the log path on failure.
-    build=False only pulls from the cache (`doit cache pull`): False when it was not there.
+    """Build one node in this process. Returns None on success, a TaskFailed with the log path on
+    failure. build=False only pulls from the cache (`doit cache pull`): False when it was not there.
     placement: where a Dask build ran it (worker, memory_request_mb), kept in the record."""
     from doit.exceptions import TaskFailed
 
-    from buildplan import distributed
-
     try:
-        if build and distributed.active():  # `-P dask`: the work on a worker, the record here
-            return distributed.run_remote(config_path, node_id)
         return _run_task(config_path, node_id, build, placement or {})
     except OSError as e:  # out of space before or after the stage itself (log, record, manifest)
         full = _out_of_space(e)

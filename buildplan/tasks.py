@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import sys
 
-# The runner (subprocess, socket, datetime...) is imported only when a task really runs:
-# a no-op `doit` never needs it.
 def _run(config_path: str, node_id: str):
-    from buildplan.runner import run_task
+    from buildplan.executor import current  # here or on a Dask worker
 
-    return run_task(config_path, node_id)
+    return current().run(config_path, node_id)
 
 
 def _clean(config_path: str, node_id: str):

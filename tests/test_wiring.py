@@ -18,3 +18,92 @@ def test_another_checkouts_environment_is_refused(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert str(other) in proc.stderr and str(REPO) in proc.stderr and "./bootstrap.sh" in proc.stderr
     assert proc.stdout == ""
+
+
+PACKAGES = ("buildplan", "export", "compile")
+# What a stage (export/*, compile/*) may use of the core: its primitives and toolchain detection,
+# never the engine (plan, state, runner, ...), which loops over the stages.
+CORE_API = {"buildplan", "buildplan.core", "buildplan.files", "buildplan.toolchains"}
+# What the engine may import of export/ and compile/: the model declarations (pure data) and, in
+# the registry alone, the packages that list the stages and backends.
+DECLARATIONS = {"export.presets", "export.specs"}
+REGISTRY = ("buildplan.backends", {"export", "compile"})
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    return ".".join(rel.parts[:-1]) if rel.name == "__init__" else ".".join(rel.parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports, lazy (function-level) imports included."""
+    modules = {_module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from buildplan import runner` imports the module buildplan.runner
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                           for a in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t.split(".")[0] in PACKAGES and t in modules}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_import_graph_has_no_cycle_and_no_layer_points_up():
+    graph = import_graph()
+    assert "buildplan.runner" in graph and "buildplan.executor" in graph["buildplan.tasks"]
+    # cycles: a depth-first search that reports the first back edge as a path
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for dep in sorted(graph[m]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    wrong = []
+    for m, deps in graph.items():
+        if m.split(".")[0] in ("export", "compile"):
+            wrong += [f"{m} -> {d} (a stage uses the engine)" for d in deps
+                      if d.startswith("buildplan") and d not in CORE_API]
+        else:
+            allowed = DECLARATIONS | (REGISTRY[1] if m == REGISTRY[0] else set())
+            wrong += [f"{m} -> {d} (the engine names a stage)" for d in deps
+                      if d.split(".")[0] in ("export", "compile") and d not in allowed]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_import_graph_test_can_fail(monkeypatch):
+    """The check above sees a cycle and a layer pointing up when there is one."""
+    graph = import_graph()
+    graph["buildplan.core"] = {"buildplan.runner"}
+    graph["compile.atc"] = graph["compile.atc"] | {"buildplan.state"}
+    monkeypatch.setattr(sys.modules[__name__], "import_graph", lambda: graph)
+    try:
+        test_import_graph_has_no_cycle_and_no_layer_points_up()
+    except AssertionError as e:
+        assert "import cycle" in str(e) and "buildplan.core" in str(e)
+    else:
+        raise AssertionError("a cycle went unseen")
+    graph["buildplan.core"] = set()
+    try:
+        test_import_graph_has_no_cycle_and_no_layer_points_up()
+    except AssertionError as e:
+        assert "compile.atc -> buildplan.state" in str(e)
+    else:
+        raise AssertionError("a stage using the engine went unseen")
