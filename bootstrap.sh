@@ -2,7 +2,7 @@
 # Idempotent set-up: the project venv (.venv, Python 3.11) and the TPU-MLIR toolchain
 # environment (Python 3.10, outside the repo, reused across clones). Fast when done.
 #   BLIPC_TPU_MLIR=<dir>   use your own TPU-MLIR (a venv or install prefix with bin/model_deploy.py)
-#   BLIPC_CACHE=<dir>      where the toolchain environment lives (default ~/.cache/blipc)
+#   BLIPC_TOOLCHAIN_DIR=<dir>  where the toolchain environment lives (default ~/.cache/blipc)
 #   --no-tpu-mlir          skip the toolchain (SOPHGO targets are then reported as skipped)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -62,7 +62,7 @@ fi
 
 # --- TPU-MLIR toolchain environment -------------------------------------------------
 if [ "$want_tpu" = 1 ] && [ -z "${BLIPC_TPU_MLIR:-}" ]; then
-  cache=${BLIPC_CACHE:-$HOME/.cache/blipc}
+  cache=${BLIPC_TOOLCHAIN_DIR:-${BLIPC_CACHE:-$HOME/.cache/blipc}}
   env_dir=$cache/tpu-mlir-$TPU_MLIR_VERSION
   tpu_stamp=$(echo "$TPU_PACKAGES; $TPU_SETUPTOOLS; drop $TPU_DROP_LIBS" | stamp_of)
   if [ "$(cat "$env_dir/.bootstrap-stamp" 2>/dev/null)" != "$tpu_stamp" ]; then

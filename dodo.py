@@ -7,7 +7,6 @@
     doit nightly              build all, continue past failures, dated HTML/JSON report
     doit config=FILE ...      use another models.yaml (or BLIPC_CONFIG=FILE)
 """
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ if Path(buildplan.__file__).resolve().parent.parent != _HERE:
 # from source on every run (~25 ms for the modules a no-op imports): keep their bytecode.
 _dont_write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, False
 
+from buildplan import env as _env  # noqa: E402
 from buildplan import lock as _lock  # noqa: E402
 from buildplan import snapshot as _snapshot  # noqa: E402
 from buildplan.files import default_config_path  # noqa: E402
@@ -52,7 +52,7 @@ else:
     _snapshot.take_at_exit(CONFIG_PATH, PLAN)
 sys.dont_write_bytecode = _dont_write_bytecode
 
-if any(k.startswith("BLIPC_CACHE_") for k in os.environ):  # the cache's environment, checked before any work
+if _env.cache_overridden():  # the cache's environment, checked before any work
     from buildplan.cache import settings as _cache_settings
     from buildplan.core import ConfigError as _ConfigError
 

@@ -58,14 +58,19 @@ class CacheSettings(NamedTuple):
 def settings(configured: dict, config_file: str) -> CacheSettings:
     """models.yaml's `cache:` block, overridden by BLIPC_CACHE_URL / BLIPC_CACHE_MODE /
     BLIPC_CACHE_REQUIRED (CI sets them; credentials never come from either)."""
-    url = os.environ.get("BLIPC_CACHE_URL", configured.get("url"))
-    if "BLIPC_CACHE_URL" in os.environ and url:
-        check_url(url, "BLIPC_CACHE_URL", "environment")
-    mode = os.environ.get("BLIPC_CACHE_MODE", configured.get("mode") or ("read" if url else "off"))
-    where = "BLIPC_CACHE_MODE" if "BLIPC_CACHE_MODE" in os.environ else f"{config_file}: cache.mode"
+    from buildplan import env
+
+    from_env = env.raw(env.CACHE_URL)
+    url = from_env if from_env is not None else configured.get("url")
+    if from_env and url:
+        check_url(url, env.CACHE_URL, "environment")
+    mode = env.raw(env.CACHE_MODE)
+    where = env.CACHE_MODE if mode is not None else f"{config_file}: cache.mode"
+    if mode is None:
+        mode = configured.get("mode") or ("read" if url else "off")
     if mode not in MODES:
         raise ConfigError(where, "", f"unknown cache mode {mode!r}", f"allowed: {', '.join(MODES)}")
-    required = os.environ.get("BLIPC_CACHE_REQUIRED", "") not in ("", "0") or bool(configured.get("required"))
+    required = env.flag(env.CACHE_REQUIRED) or bool(configured.get("required"))
     return CacheSettings(url or None, mode, required, where)
 
 

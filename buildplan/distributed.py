@@ -33,8 +33,9 @@ import uuid
 from doit.cmd_run import Run
 from doit.exceptions import InvalidCommand
 
-SCHEDULER_ENV = "BLIPC_DASK_SCHEDULER"
-POOL_ENV = "BLIPC_DASK_POOL_MB"  # the memory a LocalCluster's tasks may use together, instead of the machine's
+from buildplan import env
+
+SCHEDULER_ENV, POOL_ENV = env.DASK_SCHEDULER, env.DASK_POOL_MB  # POOL: what a LocalCluster's tasks may use together
 MARGIN_MB = 2048  # left to the OS and this process when sizing a LocalCluster
 GUARD_FACTOR = 3.0  # the guard kills a task using this many times the memory it asked for
 DEFAULT_MB = 2048  # a stage that declares no estimate
@@ -64,7 +65,7 @@ class DaskRun(Run):
             if dask_scheduler:
                 raise InvalidCommand("--dask-scheduler needs -P dask")
             return super()._execute(outfile, num_process=num_process, par_type=par_type, **kwargs)
-        with cluster(num_process, dask_scheduler or os.environ.get(SCHEDULER_ENV)) as dask:
+        with cluster(num_process, dask_scheduler or env.get(env.DASK_SCHEDULER)) as dask:
             # doit's threads only wait on Dask futures: one per worker keeps every worker busy
             return super()._execute(outfile, num_process=dask.workers, par_type="thread", **kwargs)
 
@@ -85,7 +86,7 @@ def cluster(num_process: int, address: str | None):
     if address:
         client = Client(address, timeout="20s")
     else:
-        pool_mb = float(os.environ.get(POOL_ENV) or psutil.virtual_memory().available / 2**20 - MARGIN_MB)
+        pool_mb = float(env.get(env.DASK_POOL_MB) or psutil.virtual_memory().available / 2**20 - MARGIN_MB)
         workers = num_process or max(1, min(os.cpu_count() or 1, int(pool_mb // DEFAULT_MB)))
         local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                              dashboard_address="127.0.0.1:0", resources={"MEM": pool_mb},

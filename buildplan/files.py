@@ -44,11 +44,16 @@ def safe_name(node_id: str) -> str:
 
 
 def default_config_path() -> Path:
-    return Path(os.environ.get("BLIPC_CONFIG") or REPO / "models.yaml")
+    from buildplan import env
+
+    return env.config_path(REPO)
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BLIPC_CACHE") or Path.home() / ".cache" / "blipc")
+    """The memo folder (BLIPC_MEMO_DIR)."""
+    from buildplan import env
+
+    return env.memo_dir()
 
 
 class SymlinkRefused(Exception):

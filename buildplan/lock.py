@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from buildplan import env
 from buildplan.files import SymlinkRefused, refuse_symlinks
 
 READ_ONLY = {"list", "info", "help", "stale", "dumpdb", "tabcompletion", "strace", "forget", "ignore", "reset-dep"}
@@ -57,7 +58,7 @@ def hold_if_building(root: str, argv: list[str]) -> None:
     except (SymlinkRefused, OSError) as e:
         print(f"error: cannot take the build lock: {e}", file=sys.stderr)
         sys.exit(2)
-    wait = os.environ.get("BLIPC_WAIT") == "1"
+    wait = env.flag(env.WAIT)
     while True:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from buildplan import backends
+from buildplan import backends, env
 from buildplan.core import BuildError, Node, StageError
 from buildplan.files import SymlinkRefused, refuse_symlinks, safe_name, sha256_file, utc_now
 from buildplan.plan import Plan
@@ -72,17 +72,17 @@ class Context:
 
     def run(self, argv: list[str], cwd: Path, env_extra: dict | None = None, what: str | None = None) -> str:
         """Run a toolchain command (argument list, no shell); its output goes to the task log."""
-        env = dict(os.environ)
+        tool_env = dict(os.environ)
         tc = self.toolchain()
         if tc.bin_dir:
-            env["PATH"] = tc.bin_dir + os.pathsep + env.get("PATH", "")
-        env.update(env_extra or {})
+            tool_env["PATH"] = tc.bin_dir + os.pathsep + tool_env.get("PATH", "")
+        tool_env.update(env_extra or {})
         self.log(f"$ (cd {cwd} && {' '.join(argv)})")
         start = len(self.log_path.read_bytes()) if self.log_path.exists() else 0
         rss_file = self.staging / f".peak_rss.{time.monotonic_ns()}"
         rss_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as f:
-            proc = subprocess.Popen([sys.executable, str(_MEASURE_RSS), str(rss_file), *argv], cwd=cwd, env=env,
+            proc = subprocess.Popen([sys.executable, str(_MEASURE_RSS), str(rss_file), *argv], cwd=cwd, env=tool_env,
                                     stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
                 proc.wait()
@@ -106,7 +106,7 @@ def tool_output_to(log_path: Path):
     """Send everything the stage's libraries print (onnxsim, ONNX Runtime's C++ logger, torch's
     exporter, Python warnings) to the task's log, at the file-descriptor level, so the console
     shows the build, not their chatter. BLIPC_VERBOSE=1 leaves it on the console."""
-    if os.environ.get("BLIPC_VERBOSE", "") not in ("", "0"):
+    if env.flag(env.VERBOSE):
         yield
         return
     for stream in (sys.stdout, sys.stderr):

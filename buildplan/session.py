@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from buildplan import env
+
 _STORES: dict = {}  # config path -> Store
 
 
@@ -21,8 +23,8 @@ def store_for(config_path: str, plan=None):
             from buildplan.plan import build_plan
 
             loaded = config.load(config_path)
-            if os.environ.get("BLIPC_WORKER_ARTIFACTS"):  # a Dask worker keeping its own artifacts/
-                loaded = loaded._replace(artifacts=os.path.abspath(os.environ["BLIPC_WORKER_ARTIFACTS"]))
+            if env.get(env.WORKER_ARTIFACTS):  # a Dask worker keeping its own artifacts/
+                loaded = loaded._replace(artifacts=os.path.abspath(env.get(env.WORKER_ARTIFACTS)))
             plan = build_plan(loaded)
         _STORES[config_path] = Store(plan)
     return _STORES[config_path]

@@ -16,12 +16,12 @@ import hashlib
 import os
 import sys
 
-from buildplan import files
+from buildplan import env, files
 from buildplan.files import CODE_DIRS, cache_dir, keep_newest, read_memo, stat_keys, write_memo
 
 # The environment the core reads; backends add the variables they read (ENVIRONMENT), and the
 # snapshot records their names, so a replay need not import the backends to compare them.
-ENV = ("PATH", "HOME", "BLIPC_CACHE")
+ENV = ("PATH", "HOME", *env.WATCHED)
 FORMAT = 2
 
 

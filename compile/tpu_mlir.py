@@ -9,7 +9,6 @@ stage's ONNX reference (`.io.npz`).
 from __future__ import annotations
 
 import glob
-import os
 import re
 import shutil
 from pathlib import Path
@@ -45,13 +44,13 @@ TOOLCHAIN_SETTINGS = (
     Setting("root", "path", "a TPU-MLIR environment or install prefix whose bin/ has model_deploy.py "
             "(default: the one ./bootstrap.sh installs; BLIPC_TPU_MLIR overrides)"),
 )
-ENVIRONMENT = ("BLIPC_TPU_MLIR",)  # read by detect(); the no-op snapshot watches them
+ENVIRONMENT = ("BLIPC_TPU_MLIR", "BLIPC_TOOLCHAIN_DIR")  # read by detect(); the no-op snapshot watches them
 STAGE_DOCS = {"transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table",
               "bmodel": "SOPHGO bmodel"}
 # Peak RSS of the largest tool process, measured (README: base transforms 6-10 GB, bmodels ~4 GB), rounded up.
 MEMORY_MB = {"transform": {"tiny": 1600, "base": 11000}, "calibrate": {"tiny": 1200, "base": 11000},
              "bmodel": {"tiny": 700, "base": 5000}}
-HOWTO = (f"run ./bootstrap.sh (installs TPU-MLIR {VERSION} into ~/.cache/blipc), or point BLIPC_TPU_MLIR "
+HOWTO = (f"run ./bootstrap.sh (installs TPU-MLIR {VERSION} into ~/.cache/blipc or BLIPC_TOOLCHAIN_DIR), or point BLIPC_TPU_MLIR "
          "(or toolchains.tpu_mlir.root in models.yaml) at an environment whose bin/ has model_deploy.py")
 # cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.
 DEPLOY_TOLERANCE = {"F32": "0.99,0.90", "F16": "0.95,0.85", "BF16": "0.95,0.80", "INT8": "0.80,0.50"}
@@ -63,10 +62,10 @@ TRANSFORM_TOLERANCE = "0.99,0.99"
 
 # --- toolchain ---------------------------------------------------------------------------
 def root(settings: dict) -> Path:
-    from buildplan.files import cache_dir
+    from buildplan import env
 
-    configured = os.environ.get("BLIPC_TPU_MLIR") or settings.get("root")
-    return Path(configured) if configured else cache_dir() / f"tpu-mlir-{VERSION}"
+    configured = env.get(env.TPU_MLIR) or settings.get("root")
+    return Path(configured) if configured else env.toolchain_dir() / f"tpu-mlir-{VERSION}"
 
 
 def detect(settings: dict) -> tuple[Toolchain, list[str]]:

@@ -149,7 +149,7 @@ def test_keys_do_not_depend_on_where_or_who(tmp_path):
         script = ("import json, sys\nfrom buildplan import cache, config\nfrom buildplan.plan import build_plan\n"
                   "from buildplan.state import Store\nplan = build_plan(config.load(sys.argv[1]))\nstore = Store(plan)\n"
                   "print(json.dumps({n: cache.key(store.parts(node)) for n, node in plan.nodes.items()}))")
-        env = {**os.environ, "PYTHONPATH": str(clone), "BLIPC_CACHE": str(tmp_path / f"local-cache-{name}"),
+        env = {**os.environ, "PYTHONPATH": str(clone), "BLIPC_MEMO_DIR": str(tmp_path / f"local-cache-{name}"),
                "USER": name, "PATH": f"{STANDIN_BIN}{os.pathsep}{os.environ['PATH']}"}
         proc = subprocess.run([sys.executable, "-c", script, str(cfg)], cwd=clone, env=env, capture_output=True,
                               text=True, check=True)

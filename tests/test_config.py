@@ -126,7 +126,7 @@ RAW_CASES = {
 def test_malformed_yaml_documents_are_refused_quickly(tmp_path, case, monkeypatch):
     """Duplicate keys silently replaced a block; an alias bomb grew `doit list` to 8 GB; deep
     nesting raised RecursionError. Each is one ConfigError, and a rejected document is not memoised."""
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     text, where, problem = RAW_CASES[case]
     path = tmp_path / "models.yaml"
     path.write_text(text)

@@ -27,7 +27,7 @@ def _load(tmp_path, text: str | bytes):
 @pytest.mark.parametrize("raw", [b"models:\n- name: r\x07x\n", b"models: [\xff]\n", b"models:\n- name: a\x00b\n"],
                          ids=["control character", "invalid utf-8", "NUL byte"])
 def test_bytes_yaml_cannot_read_are_a_config_error(tmp_path, raw, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     with pytest.raises(config.ConfigError) as err:
         _load(tmp_path, raw)
     assert "not valid YAML" in str(err.value) and "models.yaml" in str(err.value)
@@ -37,7 +37,7 @@ def test_bytes_yaml_cannot_read_are_a_config_error(tmp_path, raw, monkeypatch):
 
 
 def test_merge_keys_share_settings_and_duplicates_stay_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     shared = ("      bm1684x: &b {batch_sizes: [1, 2], precisions: [F32, F16]}\n"
               "      bm1684: {<<: *b, precisions: [F32]}\n")
     text = _text(shared).replace("graphs: [BLIP_text]", "graphs: [blip_itm]")
@@ -52,7 +52,7 @@ def test_merge_keys_share_settings_and_duplicates_stay_refused(tmp_path, monkeyp
 def test_yaml_11_number_forms_are_not_batch_sizes(tmp_path, scalar, monkeypatch):
     """YAML 1.1 reads 1_0 as 10 and 1:0 as 60; the file is read with YAML 1.2's core rules, where
     these are strings (and so refused) or plain decimals."""
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     text = _text(f"      ascend310p3: {{batch_sizes: [{scalar}]}}\n")
     if scalar == "010":  # YAML 1.2: a decimal with a leading zero
         assert _load(tmp_path, text).models[0].targets[0].batch_sizes == (10,)
@@ -67,7 +67,7 @@ def test_yaml_11_number_forms_are_not_batch_sizes(tmp_path, scalar, monkeypatch)
 
 def test_yaml_12_booleans(tmp_path, monkeypatch):
     """`yes`/`no` are strings in YAML 1.2: a boolean setting says so instead of guessing."""
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     text = _text("      bm1684x: {simulate: yes}\n").replace("graphs: [BLIP_text]", "graphs: [blip_itm]")
     with pytest.raises(config.ConfigError, match="true or false"):
         _load(tmp_path, text)
@@ -76,14 +76,14 @@ def test_yaml_12_booleans(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["logs", "checkpoints", "reports"])
 def test_model_names_that_clash_with_the_layout(tmp_path, name, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     with pytest.raises(config.ConfigError, match="used by the build") as err:
         _load(tmp_path, _text(name=name))
     assert err.value.field == "models[0].name"
 
 
 def test_extra_flag_ending_in_a_newline_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     raw = yaml.safe_load(_text())
     raw["models"][0]["targets"][TARGET]["extra_flags"] = {"BLIP_text": ["--op_select_implmode=x\n"]}
     with pytest.raises(config.ConfigError) as err:
@@ -94,14 +94,14 @@ def test_extra_flag_ending_in_a_newline_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("artifacts,problem", [("''", "empty"), (".", "holds models.yaml"), ("..", "holds models.yaml"),
                                                ("/", "holds models.yaml"), ("$HOME/artifacts", "variable")])
 def test_artifacts_paths_that_cannot_be_meant(tmp_path, artifacts, problem, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     with pytest.raises(config.ConfigError, match=problem) as err:
         _load(tmp_path, _text(extra=f"artifacts: {artifacts}\n"))
     assert err.value.field == "artifacts"
 
 
 def test_home_is_expanded_in_paths(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = _load(tmp_path, _text(extra="artifacts: ~/built\n"))
     assert cfg.artifacts == str(tmp_path / "home" / "built")
@@ -120,7 +120,7 @@ def test_read_only_commands_create_no_folder(tmp_path):
 def test_a_poisoned_parse_memo_never_decides_what_is_declared(tmp_path, monkeypatch):
     """Editing the memo of a models.yaml (keeping its source hash) declared batch sizes the file
     does not; a memo is only ever a faster way to the same answer."""
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     assert _load(tmp_path, _text()).models[0].targets[0].batch_sizes == (1,)
     memos = list((tmp_path / "cache" / "parsed-yaml").glob("*.json"))
     assert len(memos) == 1, "the parse is memoised"

@@ -19,7 +19,7 @@ def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("damaged")
     cache = d / "cache"
     cfg = write_config(d / "models.yaml", MODEL, d / "artifacts")
-    env = {"BLIPC_CACHE": str(cache)}
+    env = {"BLIPC_MEMO_DIR": str(cache)}
     doit(cfg, "export:m", env=env)
     return cfg, d / "artifacts", cache, env
 

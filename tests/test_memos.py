@@ -107,7 +107,7 @@ def _detect(root):
 
 
 def test_toolchain_identity_memo_follows_reinstalls(tmp_path, monkeypatch):
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
     root = tmp_path / "tpu"
     _fake_tpu_mlir(root, "1.2.3", "a,sha256=1,1\n")
     backends.reset_toolchains()
@@ -118,7 +118,7 @@ def test_toolchain_identity_memo_follows_reinstalls(tmp_path, monkeypatch):
     backends.reset_toolchains()
     assert _detect(root) == first  # from the memo
     monkeypatch.undo()
-    monkeypatch.setenv("BLIPC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BLIPC_MEMO_DIR", str(tmp_path / "cache"))
 
     _fake_tpu_mlir(root, "1.2.3", "a,sha256=2,1\n")  # same version, another build (pip reinstall)
     backends.reset_toolchains()

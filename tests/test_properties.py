@@ -95,7 +95,7 @@ def built(tmp_path_factory):
     """One tiny build (stand-in ATC), copied afresh for each example."""
     d = tmp_path_factory.mktemp("built")
     cfg = write_config(d / "models.yaml", BASE["models"], d / "artifacts")
-    env = {"BLIPC_CACHE": str(d / "cache")}
+    env = {"BLIPC_MEMO_DIR": str(d / "cache")}
     doit(cfg, atc=True, env=env)
     return d, set(records(d / "artifacts"))
 
@@ -135,7 +135,7 @@ def test_a_rebuild_after_any_damage_yields_exactly_the_declared_fresh_set(built,
     shutil.copytree(source / "artifacts", d / "artifacts", symlinks=True)
     shutil.copytree(source / "cache", d / "cache", symlinks=True)
     cfg = write_config(d / "models.yaml", BASE["models"], d / "artifacts")
-    env = {"BLIPC_CACHE": str(d / "cache")}
+    env = {"BLIPC_MEMO_DIR": str(d / "cache")}
     targets = _state_files(d / "artifacts", d / "cache")
     for pick, damage in picks:
         path = targets[pick % len(targets)]

@@ -23,7 +23,7 @@ def test_another_checkouts_environment_is_refused(tmp_path):
 PACKAGES = ("buildplan", "export", "compile")
 # What a stage (export/*, compile/*) may use of the core: its primitives and toolchain detection,
 # never the engine (plan, state, runner, ...), which loops over the stages.
-CORE_API = {"buildplan", "buildplan.core", "buildplan.files", "buildplan.toolchains"}
+CORE_API = {"buildplan", "buildplan.core", "buildplan.env", "buildplan.files", "buildplan.toolchains"}
 # What the engine may import of export/ and compile/: the model declarations (pure data) and, in
 # the registry alone, the packages that list the stages and backends.
 DECLARATIONS = {"export.presets", "export.specs"}
@@ -107,3 +107,25 @@ def test_the_import_graph_test_can_fail(monkeypatch):
         assert "compile.atc -> buildplan.state" in str(e)
     else:
         raise AssertionError("a stage using the engine went unseen")
+
+
+def test_the_old_cache_variable_still_works_and_says_so_once(tmp_path):
+    """BLIPC_CACHE moved the memo folder and the toolchain at once; BLIPC_MEMO_DIR and
+    BLIPC_TOOLCHAIN_DIR now say which, and the shared cache is BLIPC_CACHE_URL."""
+    import os
+
+    import yaml
+
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(yaml.safe_dump({"artifacts": str(tmp_path / "artifacts"), "models": [
+        {"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny"}, "graphs": ["BLIP_text"],
+         "targets": {"ascend310p3": {"batch_sizes": [1]}}}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLIPC_")}
+    proc = subprocess.run([str(BIN / "doit"), "list", f"config={cfg}"], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "BLIPC_CACHE": str(tmp_path / "old")}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("BLIPC_CACHE is deprecated") == 1 and "BLIPC_MEMO_DIR" in proc.stderr
+    assert list((tmp_path / "old").glob("parsed-yaml/*.json"))  # still where the memos go
+    proc = subprocess.run([str(BIN / "doit"), "list", f"config={cfg}"], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "BLIPC_MEMO_DIR": str(tmp_path / "new")}, timeout=120)
+    assert proc.returncode == 0 and "deprecated" not in proc.stderr and list((tmp_path / "new").glob("parsed-yaml/*"))
