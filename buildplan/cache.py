@@ -97,8 +97,6 @@ def key(parts: dict) -> str:
 # Record fields that describe the artifact (kept in an entry) rather than this build of it.
 LOCAL_FIELDS = ("fingerprint", "parts", "outputs", "roles", "duration_s", "finished_at", "host", "log",
                 "from_cache", "peak_rss_mb", "tool_peak_rss_mb")
-# Fields a pulled record computes itself, whatever an entry says.
-IDENTITY_FIELDS = ("node", "stage", "model", "labels", "digest", "toolchain")
 
 
 def entry_for(record: dict, cache_key: str) -> dict:

@@ -97,7 +97,7 @@ def pull(plan, cache, names, **_) -> int:
     for node_id in selected(plan, names):
         if store.is_fresh(plan.nodes[node_id]):
             continue
-        got = run_task(plan.config.path, node_id, build=False)
+        got = run_task(store, node_id, build=False)
         if got is None:
             pulled += 1
             print(f"{node_id}: pulled")

@@ -10,11 +10,11 @@ from buildplan.distributed import DaskRun
 from buildplan.files import MANIFEST
 
 
-def _plan():
-    dodo = sys.modules.get("dodo")
-    if dodo is None or not hasattr(dodo, "PLAN"):
-        raise SystemExit("error: run this from the project folder (dodo.py defines the plan)")
-    return dodo.PLAN
+def _session(cmd):
+    session = getattr(cmd.loader, "session", None)
+    if session is None:
+        raise SystemExit("error: run this from the project folder (its pyproject.toml names the blipc loader)")
+    return session
 
 
 def _print_to_a_pipe(text: str) -> None:
@@ -30,6 +30,7 @@ def _print_to_a_pipe(text: str) -> None:
 
 class Stale(DoitCmdBase):
     name = "stale"
+    builds = False
     doc_purpose = "list declared artifacts that are missing or out of date, with reasons"
     doc_usage = "[--json] [--check] [--remote]"
     doc_description = ("Exit status with --check: 1 when anything is stale, else 0. --remote adds, per stale "
@@ -44,12 +45,10 @@ class Stale(DoitCmdBase):
     def _execute(self, as_json=False, check=False, remote=False):
         from buildplan import report
 
-        from buildplan.session import store_for
-
-        plan = _plan()
+        plan = _session(self).plan
         stale = report.stale_nodes(plan)
         in_cache = report.in_cache(plan, stale) if remote else None
-        manifest = store_for(plan.config.path).manifest_problem()
+        manifest = _session(self).store.manifest_problem()
         self.dep_manager.close()
         text = json.dumps({**report.as_json(plan, stale, in_cache), "manifest": manifest}, indent=1) if as_json else \
             report.as_text(plan, stale, in_cache)
@@ -82,6 +81,7 @@ def verify_outputs(plan, fix: bool) -> dict[str, list[str]]:
 
 class Verify(DoitCmdBase):
     name = "verify"
+    builds = "with --fix"  # it drops records and rewrites the manifest then
     doc_purpose = "re-hash every built output against its record (bit rot, edits that kept the mtime)"
     doc_usage = "[--fix] [--json]"
     doc_description = ("Exit status 1 when any output differs from its record. --fix drops those records, "
@@ -92,7 +92,9 @@ class Verify(DoitCmdBase):
     )
 
     def _execute(self, fix=False, as_json=False):
-        plan = _plan()
+        if fix:
+            _session(self).begin_build()
+        plan = _session(self).plan
         damaged = verify_outputs(plan, fix)
         self.dep_manager.close()
         if as_json:
@@ -109,6 +111,7 @@ class Verify(DoitCmdBase):
 
 class Prune(DoitCmdBase):
     name = "prune"
+    builds = "unless --dry-run"
     doc_purpose = "remove artifacts the config no longer declares (e.g. a batch size taken out)"
     doc_usage = "[--dry-run]"
     doc_description = "Lists, then deletes, the outputs and records of undeclared artifacts; declared ones are never touched."
@@ -117,9 +120,11 @@ class Prune(DoitCmdBase):
     )
 
     def _execute(self, dry_run=False):
-        from buildplan.state import Store, undeclared
+        from buildplan.state import undeclared
 
-        store = Store(_plan())
+        if not dry_run:
+            _session(self).begin_build()
+        store = _session(self).store
         found = undeclared(store)
         for node_id, outputs in found.items():
             print(f"{'would remove' if dry_run else 'removing'} {node_id}: {', '.join(outputs) or '(record only)'}")
@@ -151,7 +156,7 @@ class Nightly(DaskRun):
         from buildplan.files import utc_now
         from buildplan.tasks import available_targets
 
-        plan = _plan()
+        plan = _session(self).plan
         ok, skipped = available_targets(plan)
         started = utc_now()
         # bit rot first: a damaged output passes every cheap check (size, mtime) and would stay "fresh"
@@ -170,6 +175,7 @@ class Nightly(DaskRun):
 
 class CacheCommand(DoitCmdBase):
     name = "cache"
+    builds = "pull"  # the others read artifacts/ or write only the cache
     doc_purpose = "the shared artifact cache: status, push, pull, verify, gc"
     doc_usage = "status | push [TASK...] | pull [TASK...] | verify [--fix] | gc [--dry-run]"
     doc_description = (
@@ -194,7 +200,9 @@ class CacheCommand(DoitCmdBase):
         dry_run = dry_run or "--dry-run" in words
         words = [w for w in words if w not in ("--fix", "--dry-run")]
         action = words.pop(0) if words else "status"
-        plan = _plan()
+        if action == "pull":
+            _session(self).begin_build()
+        plan = _session(self).plan
         try:
             return cache_commands.run(action, plan, words, fix=fix, dry_run=dry_run)
         finally:

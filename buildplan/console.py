@@ -8,7 +8,6 @@ more than the whole no-op budget allows. Without a terminal (CI logs) there is n
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
@@ -16,13 +15,15 @@ from doit.reporter import ConsoleReporter
 
 
 def _root():
-    dodo = sys.modules.get("dodo")
-    return getattr(dodo, "_ROOT", None)
+    from buildplan.session import current
+
+    return current().root if current() else None
 
 
 def _skipped_targets() -> dict:
-    specs = getattr(sys.modules.get("dodo"), "_SPECS", None) or []
-    return next((spec.get("skipped", {}) for spec in specs if spec.get("basename") == "default"), {})
+    from buildplan.session import current
+
+    return current().skipped_targets() if current() else {}
 
 
 def _is_artifact(name: str) -> bool:
@@ -35,27 +36,24 @@ def _record(root, node_id: str) -> dict | None:
     return read_json(f"{root}/.state/{safe_name(node_id)}.json") if root else None
 
 
-def acceptance(figures) -> dict | None:
-    """The artifact's own acceptance against its reference: the first figure with a cosine (each
-    stage records its own comparison first)."""
-    return next((f for f in (figures or {}).values() if isinstance(f, dict) and "cosine" in f), None)
-
-
-def key_figure(rec: dict | None) -> str:
+def key_figure(data: dict | None) -> str:
     """What a person wants to see of a finished artifact, in a few words."""
-    if not rec:
+    from buildplan.records import Record
+
+    rec = Record.from_json(data)
+    if rec is None:
         return ""
     words = []
-    if "from_cache" in rec:
-        words.append(f"pulled from the cache ({rec['from_cache'].get('bytes', 0) / 2**20:.1f} MiB)")
-    figure = acceptance(rec.get("figures"))
+    if rec.from_cache is not None:
+        words.append(f"pulled from the cache ({rec.from_cache.get('bytes', 0) / 2**20:.1f} MiB)")
+    figure = rec.result.acceptance_figure()
     if figure:
         words.append(f"match {figure['match']:.0%}" if "match" in figure else f"cosine {figure['cosine']:.6f}")
-    if rec.get("standin") or (rec.get("toolchain") or {}).get("standin"):
+    if rec.is_standin:
         words.append("STAND-IN, not a real compile")
-    if rec.get("worker") is not None:
-        words.append(f"on worker {rec['worker']}")
-    size = sum(o.get("size", 0) for o in (rec.get("outputs") or {}).values())
+    if rec.worker is not None:
+        words.append(f"on worker {rec.worker}")
+    size = sum(o.get("size", 0) for o in rec.outputs.values())
     if size:
         words.append(f"{size / 2**20:.1f} MiB")
     return ", ".join(words)

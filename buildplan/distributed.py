@@ -44,6 +44,7 @@ DEFAULT_MB = 2048  # a stage that declares no estimate
 class DaskRun(Run):
     """doit's `run`, plus `-P dask`."""
     name = "run"
+    builds = True
     cmd_options = Run.cmd_options + (
         {"name": "dask_scheduler", "long": "dask-scheduler", "type": str, "default": "",
          "help": f"with -P dask: the scheduler to use, tcp://host:8786 (default: ${SCHEDULER_ENV}, "
@@ -124,8 +125,8 @@ class DaskExecutor:
         except Exception:  # noqa: BLE001 - the cluster going away is reported by the tasks themselves
             return {}
 
-    def run(self, config_path: str, node_id: str):
-        return run_remote(self, config_path, node_id)
+    def run(self, store, node_id: str):
+        return run_remote(self, store, node_id)
 
 
 def memory_need(store, node) -> float:
@@ -140,13 +141,11 @@ def memory_need(store, node) -> float:
     return float(memory_estimate(node.stage, arch) or DEFAULT_MB)
 
 
-def run_remote(dask: DaskExecutor, config_path: str, node_id: str):
+def run_remote(dask: DaskExecutor, store, node_id: str):
     """The doit action of a node while a Dask build runs: the work on a worker, the record here."""
     from doit.exceptions import TaskFailed
 
-    from buildplan.session import store_for
-
-    store = store_for(config_path)
+    config_path = store.plan.config.path
     node = store.plan.nodes[node_id]
     need = memory_need(store, node)
     if need > dask.largest_mb:
@@ -169,7 +168,7 @@ def run_remote(dask: DaskExecutor, config_path: str, node_id: str):
     if store.read(node_id) is None:  # built on a worker with its own artifacts/: its outputs come by the cache
         from buildplan.runner import run_task
 
-        pulled = run_task(config_path, node_id, build=False)
+        pulled = run_task(store, node_id, build=False)
         if pulled is not None:
             return TaskFailed(f"{node_id}: built on a worker, but not found in the shared cache afterwards: "
                               "workers without this machine's artifacts/ need a cache in write mode")
@@ -188,11 +187,11 @@ def work(config_path: str, node_id: str, need_mb: float, main_root: str):
     store = store_for(config_path)
     if store.plan.root != main_root:
         for dep in store.plan.closure([node_id])[:-1]:
-            if not store.is_fresh(store.plan.nodes[dep]) and run_task(config_path, dep, build=False) is not None:
+            if not store.is_fresh(store.plan.nodes[dep]) and run_task(store, dep, build=False) is not None:
                 return "failed", f"{node_id}: input {dep} is neither on this worker nor in the shared cache"
     guard = MemoryGuard(need_mb * GUARD_FACTOR)
     with guard:
-        result = run_task(config_path, node_id, placement=placement)
+        result = run_task(store, node_id, placement=placement)
     if guard.exceeded_mb:
         return "failed", (f"{node_id}: killed by the memory guard: its processes used {guard.exceeded_mb:.0f} MB, "
                           f"more than {GUARD_FACTOR:g} x the {need_mb:.0f} MB it asked for")

@@ -13,8 +13,8 @@ from typing import Protocol
 class Executor(Protocol):
     name: str  # "local", "dask"
 
-    def run(self, config_path: str, node_id: str):
-        """Build one node: None on success, a doit TaskFailed on failure."""
+    def run(self, store, node_id: str):
+        """Build one node of `store`'s plan: None on success, a doit TaskFailed on failure."""
 
     def running_on(self) -> dict[str, str]:
         """node id -> where it runs now, for the live progress line ({} when it is this process)."""
@@ -23,10 +23,10 @@ class Executor(Protocol):
 class LocalExecutor:
     name = "local"
 
-    def run(self, config_path: str, node_id: str):
+    def run(self, store, node_id: str):
         from buildplan.runner import run_task  # only when a task really runs: a no-op never imports it
 
-        return run_task(config_path, node_id)
+        return run_task(store, node_id)
 
     def running_on(self) -> dict[str, str]:
         return {}

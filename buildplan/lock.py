@@ -1,7 +1,8 @@
 """One build at a time per artifacts/ directory.
 
 A second build started while one runs stops at once with a message naming the holder
-(or waits, with BLIPC_WAIT=1). Read-only commands (list, info, stale, ...) never lock.
+(or waits, with BLIPC_WAIT=1). Read-only commands (list, info, stale, ...) never lock: each
+command declares whether it builds (buildplan/session.py).
 """
 from __future__ import annotations
 
@@ -15,40 +16,19 @@ from pathlib import Path
 from buildplan import env
 from buildplan.files import SymlinkRefused, refuse_symlinks
 
-READ_ONLY = {"list", "info", "help", "stale", "dumpdb", "tabcompletion", "strace", "forget", "ignore", "reset-dep"}
 _held = None  # keeps the file (and so the lock) open for the life of the process
-
-
-# doit options that take a separate value (`-f dodo.py`): the value is not a command word.
-_VALUED = {"-f", "--file", "-d", "--dir", "--db-file", "--backend", "--codec-cls", "--check_file_uptodate",
-           "-n", "--process", "-P", "--parallel-type", "-r", "--reporter", "-o", "--output-file", "-v",
-           "--verbosity", "--failure-verbosity", "--report-dir"}
-
-
-def is_build(argv: list[str]) -> bool:
-    words, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in _VALUED:
-            skip = True
-        elif not a.startswith("-") and "=" not in a:
-            words.append(a)
-    if words and words[0] == "verify":
-        return "--fix" in argv  # it drops records then
-    if words and words[0] == "cache":
-        return words[1:2] == ["pull"]  # the others read artifacts/ or write only the cache
-    return not words or words[0] not in READ_ONLY
 
 
 def holding() -> bool:
     return _held is not None
 
 
-def hold_if_building(root: str, argv: list[str]) -> None:
+def hold(root: str, argv: list[str]) -> None:
+    """Take the build lock of `root` for this process (the session calls it for commands that
+    build; a read-only command creates nothing, not even the artifacts folder)."""
     global _held
-    if _held is not None or not is_build(argv):
-        return  # a read-only command creates nothing, not even the artifacts folder
+    if _held is not None:
+        return
     Path(root).mkdir(parents=True, exist_ok=True)
     path = Path(root) / ".build.lock"
     try:

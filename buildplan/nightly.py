@@ -17,6 +17,7 @@ from pathlib import Path
 
 from buildplan.files import REPORTS_DIR, atomic_write, utc_now
 from buildplan.plan import Plan
+from buildplan.records import acceptance_figure
 from buildplan.state import Store
 
 NIGHTS_SHOWN = 14
@@ -34,25 +35,24 @@ COMPILE_STAGES_LAST = ("transform", "calibrate")  # steps of a bmodel, not artif
 
 
 def _status(store: Store, node, started: str, skipped: dict[str, str]) -> dict:
-    rec, failure = store.read(node.id), store.read_failure(node.id)
+    rec, failure = store.record(node.id), store.read_failure(node.id)
     target = node.labels.get("target")
     if failure and failure["at"] >= started:
         return {"status": "failed", "reason": failure["error"], "log": failure["log"]}
     if rec and store.is_fresh(node):
-        st = "built" if rec["finished_at"] >= started else "up to date"
-        return {"status": st, "figures": rec.get("figures"), "size": sum(o["size"] for o in rec["outputs"].values()),
-                "duration_s": rec["duration_s"], "peak_mb": rec.get("tool_peak_rss_mb") or rec.get("peak_rss_mb"),
-                "log": rec.get("log"), "standin": bool(rec.get("standin")), "from_cache": "from_cache" in rec}
+        st = "built" if (rec.finished_at or "") >= started else "up to date"
+        return {"status": st, "figures": rec.result.figures, "acceptance": rec.result.acceptance,
+                "size": sum(o["size"] for o in rec.outputs.values()),
+                "duration_s": rec.duration_s, "peak_mb": rec.tool_peak_rss_mb or rec.peak_rss_mb,
+                "log": rec.log, "standin": rec.is_standin, "from_cache": rec.from_cache is not None}
     if target in skipped:
         return {"status": "skipped", "reason": skipped[target]}
     return {"status": "skipped", "reason": "an upstream artifact failed"}
 
 
-def _accuracy(figures) -> dict:
+def _accuracy(figures, named: str | None = None) -> dict:
     """The artifact's own acceptance against its reference: worst cosine and relative error."""
-    from buildplan.console import acceptance
-
-    f = acceptance(figures)
+    f = acceptance_figure(figures, named)
     return {"one_minus_cosine": max(0.0, 1.0 - f["cosine"]), "rel_max_abs": f.get("rel_max_abs")} if f else {}
 
 
@@ -63,7 +63,7 @@ def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: 
     for node in plan.nodes.values():
         row = {"node": node.id, "stage": node.stage, "model": node.model, "labels": node.labels,
                "output": node.main_output, **_status(store, node, started, skipped)}
-        row.update(_accuracy(row.get("figures")))
+        row.update(_accuracy(row.get("figures"), row.get("acceptance")))
         rows.append(row)
     counts: dict[str, int] = {}
     for r in rows:

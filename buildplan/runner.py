@@ -22,7 +22,7 @@ from buildplan import backends, env
 from buildplan.core import BuildError, Node, StageError
 from buildplan.files import SymlinkRefused, refuse_symlinks, safe_name, sha256_file, utc_now
 from buildplan.plan import Plan
-from buildplan.session import store_for
+from buildplan.records import RECORD_FIELDS, Record, StageResult
 from buildplan.state import Store
 
 _MEASURE_RSS = Path(__file__).with_name("measure_rss.py")
@@ -167,29 +167,28 @@ def _out_of_space_message(node_id: str, e: OSError, root: Path) -> str:
             "every artifact already built is intact and stays fresh; this one's partial files were removed.")
 
 
-def run_task(config_path: str, node_id: str, build: bool = True, placement: dict | None = None):
+def run_task(store: Store, node_id: str, build: bool = True, placement: dict | None = None):
     """Build one node in this process. Returns None on success, a TaskFailed with the log path on
     failure. build=False only pulls from the cache (`doit cache pull`): False when it was not there.
     placement: where a Dask build ran it (worker, memory_request_mb), kept in the record."""
     from doit.exceptions import TaskFailed
 
     try:
-        return _run_task(config_path, node_id, build, placement or {})
+        return _run_task(store, node_id, build, placement or {})
     except OSError as e:  # out of space before or after the stage itself (log, record, manifest)
         full = _out_of_space(e)
         if full is None:
             raise
-        root = Path(store_for(config_path).plan.root)
+        root = Path(store.plan.root)
         shutil.rmtree(staging_dir(root, node_id), ignore_errors=True)
         return TaskFailed(_out_of_space_message(node_id, full, root))
 
 
-def _run_task(config_path: str, node_id: str, build: bool, placement: dict):
+def _run_task(store: Store, node_id: str, build: bool, placement: dict):
     from doit.exceptions import TaskFailed
 
     from buildplan import cache as cache_mod
 
-    store = store_for(config_path)
     plan = store.plan
     node = plan.nodes[node_id]
     ctx = Context(plan, store, node)
@@ -216,7 +215,9 @@ def _run_task(config_path: str, node_id: str, build: bool, placement: dict):
                 return False
             module, func = node.action.split(":")
             with tool_output_to(ctx.log_path):
-                result = getattr(importlib.import_module(module), func)(node, ctx) or {}
+                result = getattr(importlib.import_module(module), func)(node, ctx)
+        from_cache = result.pop("from_cache") if pulled else None
+        result = StageResult.of(result, node.id)
         outputs = {}
         for rel in node.paths:
             staged = ctx.staging / "out" / rel
@@ -249,19 +250,19 @@ def _run_task(config_path: str, node_id: str, build: bool, placement: dict):
     shutil.rmtree(ctx.staging, ignore_errors=True)
     digest = outputs_digest(outputs)
     tc = ctx.toolchain() if node.toolchain else None
-    record = {
-        "node": node.id, "stage": node.stage, "model": node.model, "labels": node.labels,
-        "fingerprint": store.fingerprint(parts), "parts": parts, "outputs": outputs, "roles": dict(node.outputs), "digest": digest,
-        "toolchain": {"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
-        "started_unix": round(started, 3),  # with duration_s: what ran at the same time (Dask builds)
-        "duration_s": round(time.time() - started, 3), "finished_at": utc_now(), "host": socket.gethostname(),
-        **({"tool_peak_rss_mb": round(ctx.tool_peak_rss / 2**20, 1)} if ctx.tool_peak_rss else {}),
+    record = Record(
+        node=node.id, stage=node.stage, model=node.model, labels=node.labels,
+        fingerprint=store.fingerprint(parts), parts=parts, outputs=outputs, roles=dict(node.outputs), digest=digest,
+        toolchain={"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
+        started_unix=round(started, 3),  # with duration_s: what ran at the same time (Dask builds)
+        duration_s=round(time.time() - started, 3), finished_at=utc_now(), host=socket.gethostname(),
+        tool_peak_rss_mb=round(ctx.tool_peak_rss / 2**20, 1) if ctx.tool_peak_rss else None,
         # the doit process itself while this task ran (the stage's own work: export, gates, onnxsim)
-        **({"peak_rss_mb": round(_peak_rss_bytes() / 2**20, 1)} if peak_is_own else {}),
-        "log": str(ctx.log_path.relative_to(ctx.root)),
-        **placement,
-        **result,
-    }
+        peak_rss_mb=round(_peak_rss_bytes() / 2**20, 1) if peak_is_own else None,
+        log=str(ctx.log_path.relative_to(ctx.root)),
+        worker=placement.get("worker"), memory_request_mb=placement.get("memory_request_mb"),
+        from_cache=from_cache, result=result,
+    ).to_json()
     store.commit(record)
     ctx.log(f"# done in {record['duration_s']} s" + (" (pulled from the cache)" if pulled else ""))
     standin = record.get("standin") or (record["toolchain"] or {}).get("standin")
@@ -295,7 +296,7 @@ def _pull(ctx: Context, cache, parts: dict) -> dict | None:
         print(f"warning: {message}", file=sys.stderr)
         return None
     ctx.log(f"pulled from the cache {cache.name}, key {cache_key}: {cache_mod.Transfer(int(moved), seconds)}")
-    kept = {k: v for k, v in entry["result"].items() if k not in cache_mod.LOCAL_FIELDS + cache_mod.IDENTITY_FIELDS}
+    kept = {k: v for k, v in entry["result"].items() if k not in RECORD_FIELDS}  # what the stage said
     return {**kept, "from_cache": {"cache": cache.name, "key": cache_key, "bytes": int(moved),
                                    "seconds": round(seconds, 3), **entry["provenance"],
                                    "build": entry.get("figures_of_build", {})}}
@@ -306,8 +307,7 @@ def outputs_digest(outputs: dict) -> str:
     return hashlib.sha256("".join(f"{k}={v['sha256']};" for k, v in sorted(outputs.items())).encode()).hexdigest()
 
 
-def clean_task(config_path: str, node_id: str):
-    store = store_for(config_path)
+def clean_task(store: Store, node_id: str):
     store.drop(node_id)
     for rel in store.plan.nodes[node_id].paths:
         with contextlib.suppress(FileNotFoundError):

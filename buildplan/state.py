@@ -17,6 +17,7 @@ from pathlib import Path
 
 from buildplan import backends, files
 from buildplan.core import Node
+from buildplan.records import Record, valid_record
 from buildplan.files import LOGS_DIR, MANIFEST, atomic_write, read_json, read_memo, safe_name, sha256_file, stat_key, tree_paths, write_memo
 from buildplan.plan import Plan
 
@@ -83,6 +84,10 @@ class Store:
         self._unreadable.discard(node_id)
         self._records[node_id] = (key, rec)
         return rec
+
+    def record(self, node_id: str) -> Record | None:
+        """The committed record, typed; None when there is none or it is unreadable."""
+        return Record.from_json(self.read(node_id), node_id)
 
     def drop(self, node_id: str):
         with contextlib.suppress(FileNotFoundError):
@@ -355,17 +360,6 @@ def undeclared(store: "Store") -> dict[str, list[str]]:
                 and p.name == f"{safe_name(rec['node'])}.json":
             found[rec["node"]] = [rel for rel in rec["outputs"] if rel not in declared_outputs]
     return found
-
-
-def valid_record(rec, node_id) -> bool:
-    """The shape every committed record has; anything else is not trusted as one."""
-    if not (isinstance(rec, dict) and isinstance(node_id, str) and rec.get("node") == node_id
-            and isinstance(rec.get("fingerprint"), str) and isinstance(rec.get("digest"), str)
-            and isinstance(rec.get("parts"), dict) and isinstance(rec.get("outputs"), dict)
-            and isinstance(rec.get("stage"), str)):
-        return False
-    return all(isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("mtime_ns"), int)
-               and isinstance(meta.get("sha256"), str) for meta in rec["outputs"].values())
 
 
 def explain(old: dict, new: dict) -> list[dict]:

@@ -7,18 +7,6 @@ from __future__ import annotations
 
 import sys
 
-def _run(config_path: str, node_id: str):
-    from buildplan.executor import current  # here or on a Dask worker
-
-    return current().run(config_path, node_id)
-
-
-def _clean(config_path: str, node_id: str):
-    from buildplan.runner import clean_task
-
-    return clean_task(config_path, node_id)
-
-
 def available_targets(plan) -> tuple[list[str], dict[str, str]]:
     from buildplan import backends
 
@@ -41,13 +29,6 @@ def _check_toolchain(problem: str):
     from doit.exceptions import TaskFailed
 
     return TaskFailed(problem)
-
-
-def _fresh(config_path: str, node_id: str) -> bool:
-    from buildplan.session import store_for
-
-    store = store_for(config_path)
-    return store.is_fresh(store.plan.nodes[node_id])
 
 
 def task_specs(plan) -> list[dict]:
@@ -84,19 +65,20 @@ def task_specs(plan) -> list[dict]:
     return specs
 
 
-def to_doit(specs: list[dict], config_path: str, fresh=frozenset()):
+def to_doit(specs: list[dict], config_path: str, actions, fresh=frozenset()):
     """doit task dicts. Nodes in `fresh` are known up to date (the no-op snapshot); the others are
-    checked when doit asks, against records and fingerprints."""
+    checked when doit asks, against records and fingerprints. `actions` has the functions doit
+    calls with (config_path, node_id): run, clean, fresh (the session's)."""
     for spec in specs:
         basename = spec["basename"]
         if "name" in spec:
             node_id = f"{basename}:{spec['name']}"
             yield {
-                **spec, "actions": [(_run, [config_path, node_id])],
+                **spec, "actions": [(actions.run, [config_path, node_id])],
                 # (function, args), not a partial: doit inspects each uptodate's signature, twice as
                 # slow for a partial
-                "uptodate": [True] if node_id in fresh else [(_fresh, [config_path, node_id])],
-                "clean": [(_clean, [config_path, node_id])],
+                "uptodate": [True] if node_id in fresh else [(actions.fresh, [config_path, node_id])],
+                "clean": [(actions.clean, [config_path, node_id])],
             }
         elif basename.startswith("toolchain:"):
             problem = spec["problem"]

@@ -185,13 +185,13 @@ def test_a_task_runs_on_the_plan_its_process_already_has(tmp_path, monkeypatch):
         {"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny"}, "graphs": ["BLIP_image"],
          "targets": {"cpu": {}}}], tmp_path / "artifacts")
     cfg_path = str(cfg.resolve())
-    session.store_for(cfg_path, build_plan(config.load(cfg_path)))
+    session.store_for(cfg_path)  # the plan, expanded once
 
     def second_plan(*a, **k):
         raise AssertionError("a second plan was expanded in this process")
     monkeypatch.setattr(plan_module, "build_plan", second_plan)
     monkeypatch.setattr(config, "load", second_plan)
-    assert runner.run_task(cfg_path, "checkpoint:m") is None
+    assert runner.run_task(session.store_for(cfg_path), "checkpoint:m") is None
     assert (tmp_path / "artifacts/checkpoints/m.pth").is_file()
 
 

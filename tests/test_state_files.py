@@ -127,13 +127,25 @@ def test_undeclared_artifacts_leave_the_manifest_and_prune_removes_them(tmp_path
     assert executed(doit(cfg, "export:m")) == []
 
 
-def test_read_only_commands_never_lock_whatever_their_options():
-    from buildplan.lock import is_build
+def test_each_command_takes_the_lock_only_if_it_builds(tmp_path):
+    """Commands declare whether they build; the lock was decided by re-parsing argv against a
+    hand-kept list of doit options (`-f dodo.py list` took it: `dodo.py` looked like a task)."""
+    import fcntl
 
-    assert not is_build(["-f", "dodo.py", "list"])  # it took the lock: `dodo.py` looked like a task name
-    assert not is_build(["--dir", ".", "stale", "--json"]) and not is_build(["verify"])
-    assert is_build([]) and is_build(["-n", "2", "compile:bm1684x"]) and is_build(["-f", "dodo.py"])
-    assert is_build(["verify", "--fix"]) and is_build(["nightly", "--report-dir", "r"])
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", MODEL, root)
+    doit(cfg, "export:m")
+    with open(root / ".build.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another build is running
+        for args in (["-f", "dodo.py", "list"], ["stale", "--json"], ["verify"], ["prune", "--dry-run"],
+                     ["info", "onnx:m"], ["cache", "status"]):
+            proc = doit(cfg, *args, check=False)
+            assert "another build is running" not in proc.stderr, (args, proc.stderr)
+        for args in ([], ["-n", "2", "export:m"], ["verify", "--fix"], ["nightly", "--report-dir", str(tmp_path / "r")],
+                     ["prune"], ["clean", "onnx:m"], ["-f", "dodo.py"]):
+            proc = doit(cfg, *args, check=False)
+            assert proc.returncode == 3 and "another build is running" in proc.stderr, (args, proc.stderr)
+    assert (root / "m" / "onnx" / "BLIP_text.onnx").exists()  # clean was refused, nothing removed
 
 
 @pytest.mark.parametrize("damage", ["garbage", "deleted", "edited"])
