@@ -7,6 +7,8 @@ import yaml
 
 from buildplan import config
 
+pytestmark = pytest.mark.unit
+
 GOOD = {
     "models": [
         {"name": "ret", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 0},

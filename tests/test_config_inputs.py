@@ -10,6 +10,8 @@ import yaml
 from buildplan import config
 from conftest import doit
 
+pytestmark = pytest.mark.unit
+
 TARGET = "ascend310p3"
 
 

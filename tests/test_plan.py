@@ -1,4 +1,5 @@
 """Plan expansion: counts per stage follow the declared matrix; the plan never imports torch."""
+import pytest
 import collections
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import yaml
 from buildplan import config
 from buildplan.plan import build_plan
 from conftest import REPO, doit
+
+pytestmark = pytest.mark.unit
 
 
 def test_default_matrix_counts():

@@ -64,6 +64,7 @@ def configs(draw) -> bytes:
     return yaml.safe_dump(doc, allow_unicode=draw(st.booleans())).encode()
 
 
+@pytest.mark.unit
 @given(text=configs())
 def test_any_config_loads_or_is_one_config_error_naming_the_file(tmp_path_factory, text):
     folder = tmp_path_factory.mktemp("cfg")

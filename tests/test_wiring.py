@@ -1,11 +1,14 @@
 """How the pieces are wired (issue 22): one checkout's environment never runs another checkout's
 build; the layers point one way, with no import cycle."""
+import pytest
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import REPO, repo_copy
+
+pytestmark = pytest.mark.unit
 
 BIN = Path(sys.executable).parent
 
