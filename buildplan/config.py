@@ -19,7 +19,14 @@ from buildplan.files import LAYOUT_DIRS, cache_dir, default_config_path, keep_ne
 from export.presets import ARCHS, TASKS
 from export.specs import graphs_for_task
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# The core's own limits, declared once: the validator below and the schema (buildplan/schema.py) use them.
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
+NAME_RE = re.compile(NAME_PATTERN)
+BATCH_SIZES = (1, 1024)  # the allowed range
+DEFAULT_BATCH_SIZES = (1,)
+SAMPLES = (1, 10000)  # calibration samples: the allowed range
+DEFAULT_SAMPLES = 8
+DEFAULT_ARTIFACTS = "artifacts"
 # What a models.yaml may be: a few KB, a few hundred nodes. Far above any real one, far below
 # what hurts (a 600-byte alias bomb expanded to 8 GB).
 MAX_YAML_BYTES = 1 << 20
@@ -298,7 +305,7 @@ def _usable_path(c: "_Checker", value, field: str, base_dir: Path, what: str, fo
 def validate(raw, file: str, base_dir: Path) -> Config:
     c = _Checker(file)
     top = c.mapping(raw, "", ("models", "artifacts", "toolchains", "cache"), ("models",))
-    artifacts = _usable_path(c, top.get("artifacts", "artifacts"), "artifacts", base_dir, "a directory path", folder=True)
+    artifacts = _usable_path(c, top.get("artifacts", DEFAULT_ARTIFACTS), "artifacts", base_dir, "a directory path", folder=True)
     if artifacts == base_dir.resolve() or artifacts in base_dir.resolve().parents:
         c.fail("artifacts", f"{artifacts} holds models.yaml itself (`doit prune` and `doit clean` would work among "
                "your own files)", "give a folder of its own, e.g. `artifacts: artifacts`")
@@ -389,9 +396,9 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
             targets.append(target)
     targets = tuple(targets)
     cal = c.mapping(m.get("calibration", {}), f"{path}.calibration", ("samples", "data"))
-    samples = c.typed(cal.get("samples", 8), f"{path}.calibration.samples", int, "an integer")
-    if not 1 <= samples <= 10000:
-        c.fail(f"{path}.calibration.samples", f"{samples} is out of range", "use 1..10000")
+    samples = c.typed(cal.get("samples", DEFAULT_SAMPLES), f"{path}.calibration.samples", int, "an integer")
+    if not SAMPLES[0] <= samples <= SAMPLES[1]:
+        c.fail(f"{path}.calibration.samples", f"{samples} is out of range", f"use {SAMPLES[0]}..{SAMPLES[1]}")
     data = None
     if cal.get("data") is not None:
         data_path = base_dir / c.typed(cal["data"], f"{path}.calibration.data", str, "a directory path")
@@ -444,14 +451,14 @@ def _target(c: _Checker, name: str, raw, path: str, model_graphs: tuple[str, ...
     raw = {} if raw is None else raw
     c.mapping(raw, path, ("graphs", "batch_sizes") + tuple(s.key for s in backend.SETTINGS))
     graphs = c.str_list(raw.get("graphs", list(model_graphs)), f"{path}.graphs", model_graphs, "graph of this model")
-    bs_raw = raw.get("batch_sizes", [1])
+    bs_raw = raw.get("batch_sizes", list(DEFAULT_BATCH_SIZES))
     if not isinstance(bs_raw, list) or not bs_raw:
         c.fail(f"{path}.batch_sizes", f"expected a non-empty list of integers, got {_kind(bs_raw)}")
     batch_sizes = []
     for i, bs in enumerate(bs_raw):
         c.typed(bs, f"{path}.batch_sizes[{i}]", int, "an integer")
-        if not 1 <= bs <= 1024:
-            c.fail(f"{path}.batch_sizes[{i}]", f"batch size {bs} is out of range", "use 1..1024")
+        if not BATCH_SIZES[0] <= bs <= BATCH_SIZES[1]:
+            c.fail(f"{path}.batch_sizes[{i}]", f"batch size {bs} is out of range", f"use {BATCH_SIZES[0]}..{BATCH_SIZES[1]}")
         if bs in batch_sizes:
             c.fail(f"{path}.batch_sizes[{i}]", f"duplicate batch size {bs}", "list each once")
         batch_sizes.append(bs)

@@ -68,6 +68,8 @@ class CheckpointError(StageError):
 
 
 # --- what a backend declares ------------------------------------------------------------------
+FLAG_PATTERN = r"--[a-z_0-9]+=\S.*"  # one extra tool flag, as written in models.yaml (a "flags" setting)
+
 class Setting(NamedTuple):
     """One key a backend's target block accepts in models.yaml. The validator and the JSON Schema
     are both made from these."""

@@ -12,7 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from buildplan.core import Node, Setting, StageError
+from buildplan.core import FLAG_PATTERN, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, memoised, short_sha
 from export.specs import GRAPHS
 
@@ -36,7 +36,7 @@ MANAGED_FLAGS = ("--framework", "--model", "--output", "--input_format", "--inpu
 
 def _check_flag(flag: str):
     """(problem, fix) for an extra flag ATC must not get as written, else None."""
-    if not re.fullmatch(r"--[a-z_0-9]+=\S.*", flag):  # match() with `$` let a trailing newline through
+    if not re.fullmatch(FLAG_PATTERN, flag):  # match() with `$` let a trailing newline through
         return f"{flag!r} is not of the form --flag=value", "write each ATC flag as one --flag=value string"
     if flag.split("=", 1)[0] in MANAGED_FLAGS:
         return (f"{flag.split('=', 1)[0]} is set by the build itself",
