@@ -1,7 +1,7 @@
 """Every environment variable the build reads, in one place, each with one meaning.
 
 The memo folder (parsed YAML, the no-op snapshot, toolchain identities, code closures), the
-toolchain location (where ./bootstrap.sh installs TPU-MLIR) and the shared artifact cache are
+toolchain location (where ./bootstrap.sh installs toolchain environments) and the shared artifact cache are
 three different things with three names. `BLIPC_CACHE`, which used to set the first two, still
 works and says once that it is deprecated.
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 CONFIG = "BLIPC_CONFIG"  # the models.yaml to use (like config=FILE)
 MEMO_DIR = "BLIPC_MEMO_DIR"  # memos: only ever a faster way to an answer
 TOOLCHAIN_DIR = "BLIPC_TOOLCHAIN_DIR"  # where ./bootstrap.sh puts toolchain environments
-TPU_MLIR = "BLIPC_TPU_MLIR"  # a TPU-MLIR prefix of the user's own
 CACHE_URL, CACHE_MODE, CACHE_REQUIRED = "BLIPC_CACHE_URL", "BLIPC_CACHE_MODE", "BLIPC_CACHE_REQUIRED"  # shared cache
 DASK_SCHEDULER, DASK_POOL_MB = "BLIPC_DASK_SCHEDULER", "BLIPC_DASK_POOL_MB"
 WORKER_ARTIFACTS = "BLIPC_WORKER_ARTIFACTS"  # a Dask worker that keeps its own artifacts/
@@ -67,5 +66,6 @@ def config_path(repo: Path) -> Path:
 
 
 # What the no-op snapshot compares: any change sends the next run the full way.
-WATCHED = (CONFIG, MEMO_DIR, TOOLCHAIN_DIR, OLD_CACHE, TPU_MLIR, CACHE_URL, CACHE_MODE, CACHE_REQUIRED,
+# (A backend declares the variables it reads itself, as ENVIRONMENT, and reads them with get().)
+WATCHED = (CONFIG, MEMO_DIR, TOOLCHAIN_DIR, OLD_CACHE, CACHE_URL, CACHE_MODE, CACHE_REQUIRED,
            WORKER_ARTIFACTS)

@@ -44,7 +44,8 @@ TOOLCHAIN_SETTINGS = (
     Setting("root", "path", "a TPU-MLIR environment or install prefix whose bin/ has model_deploy.py "
             "(default: the one ./bootstrap.sh installs; BLIPC_TPU_MLIR overrides)"),
 )
-ENVIRONMENT = ("BLIPC_TPU_MLIR", "BLIPC_TOOLCHAIN_DIR")  # read by detect(); the no-op snapshot watches them
+ROOT_ENV = "BLIPC_TPU_MLIR"  # a TPU-MLIR of the user's own
+ENVIRONMENT = (ROOT_ENV, "BLIPC_TOOLCHAIN_DIR")  # read by detect(); the no-op snapshot watches them
 STAGE_DOCS = {"transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table",
               "bmodel": "SOPHGO bmodel"}
 # Peak RSS of the largest tool process, measured (README: base transforms 6-10 GB, bmodels ~4 GB), rounded up.
@@ -64,7 +65,7 @@ TRANSFORM_TOLERANCE = "0.99,0.99"
 def root(settings: dict) -> Path:
     from buildplan import env
 
-    configured = env.get(env.TPU_MLIR) or settings.get("root")
+    configured = env.get(ROOT_ENV) or settings.get("root")
     return Path(configured) if configured else env.toolchain_dir() / f"tpu-mlir-{VERSION}"
 
 

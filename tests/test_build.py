@@ -184,7 +184,7 @@ def test_nightly_continues_past_a_failure_and_reports_it(built):
 
 def test_second_build_on_same_artifacts_stops_clearly(built):
     code = ("import sys, time; sys.path.insert(0, %r); from buildplan import lock;"
-            "lock.hold_if_building(%r, []); print('held', flush=True); time.sleep(30)") % (str(REPO), str(built["root"]))
+            "lock.hold(%r, []); print('held', flush=True); time.sleep(30)") % (str(REPO), str(built["root"]))
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
