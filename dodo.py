@@ -14,9 +14,6 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
-# Where PYTHONDONTWRITEBYTECODE is set, a module edited since ./bootstrap.sh would be compiled
-# from source on every run (~25 ms for the modules a no-op imports): keep their bytecode.
-sys.dont_write_bytecode = False
 
 import buildplan  # noqa: E402
 

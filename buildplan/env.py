@@ -20,7 +20,6 @@ WORKER_ARTIFACTS = "BLIPC_WORKER_ARTIFACTS"  # a Dask worker that keeps its own 
 VERBOSE, WAIT = "BLIPC_VERBOSE", "BLIPC_WAIT"
 OLD_CACHE = "BLIPC_CACHE"  # deprecated: memo folder and toolchain location at once
 
-DEFAULT_DIR = Path.home() / ".cache" / "blipc"
 _warned = False
 
 
@@ -53,12 +52,16 @@ def _old_cache() -> str | None:
     return value
 
 
+def _default_dir() -> Path:
+    return Path.home() / ".cache" / "blipc"
+
+
 def memo_dir() -> Path:
-    return Path(get(MEMO_DIR) or _old_cache() or DEFAULT_DIR)
+    return Path(get(MEMO_DIR) or _old_cache() or _default_dir())
 
 
 def toolchain_dir() -> Path:
-    return Path(get(TOOLCHAIN_DIR) or _old_cache() or DEFAULT_DIR)
+    return Path(get(TOOLCHAIN_DIR) or _old_cache() or _default_dir())
 
 
 def config_path(repo: Path) -> Path:

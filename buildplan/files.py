@@ -90,7 +90,7 @@ def read_json(path: str | Path, expect: type = dict):
 
 
 # --- memos ------------------------------------------------------------------------------
-# A memo only ever makes a check faster: it is signed with a key private to this machine's cache
+# A memo only ever makes a check faster: it is signed (keyed BLAKE2b) with a key private to this machine's cache
 # folder, so a memo edited, damaged or copied from elsewhere reads as absent and the answer is
 # computed again. (Whoever can read the key can forge one; that is the user's own account.)
 _MEMO_MAGIC = b"blipc-memo "
@@ -129,9 +129,8 @@ def _memo_key() -> bytes:
 
 
 def _memo_mac(payload: bytes) -> bytes:
-    import hmac
-
-    return hmac.new(_memo_key(), payload, hashlib.sha256).hexdigest().encode()
+    # keyed BLAKE2 is a MAC by design (no hmac module to import on the no-op path)
+    return hashlib.blake2b(payload, key=_memo_key(), digest_size=32).hexdigest().encode()
 
 
 def write_memo(path: str | Path, value, durable: bool = False):
@@ -143,13 +142,12 @@ def write_memo(path: str | Path, value, durable: bool = False):
 def read_memo(path: str | Path, expect: type = dict):
     """A memo's value, or None when it is missing, damaged, unsigned, signed by another key or
     not of the expected type: then the caller computes the answer afresh."""
-    import hmac
-
     try:
         with open(path, "rb") as f:
             data = f.read()
         head, _, payload = data.partition(b"\n")
-        if not head.startswith(_MEMO_MAGIC) or not hmac.compare_digest(head[len(_MEMO_MAGIC):], _memo_mac(payload)):
+        # a plain comparison: the memo is a local file, nothing to learn from timing it
+        if not head.startswith(_MEMO_MAGIC) or head[len(_MEMO_MAGIC):] != _memo_mac(payload):
             return None
         value = json.loads(payload)
     except (OSError, ValueError):

@@ -155,7 +155,6 @@ class SessionLoader(DodoTaskLoader):
         super().setup(opt_values)
         from doit import get_var
 
-        from buildplan.core import ConfigError
         from buildplan.files import default_config_path
 
         path = str(Path(get_var("config", str(default_config_path()))).resolve())
@@ -166,8 +165,12 @@ class SessionLoader(DodoTaskLoader):
                 from buildplan.cache import settings
 
                 settings({}, path)
-        except ConfigError as e:  # a user mistake: one clear message, no traceback
-            print(f"error: {e}", file=sys.stderr)
+        except Exception as e:
+            from buildplan.core import ConfigError  # not imported on the no-op path
+
+            if not isinstance(e, ConfigError):
+                raise
+            print(f"error: {e}", file=sys.stderr)  # a user mistake: one clear message, no traceback
             sys.exit(2)
 
     def load_doit_config(self):
