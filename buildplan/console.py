@@ -49,6 +49,8 @@ def key_figure(data: dict | None) -> str:
     figure = rec.result.acceptance_figure()
     if figure:
         words.append(f"match {figure['match']:.0%}" if "match" in figure else f"cosine {figure['cosine']:.6f}")
+    if rec.result.summary:
+        words.append(rec.result.summary)
     if rec.is_standin:
         words.append("STAND-IN, not a real compile")
     if rec.worker is not None:

@@ -56,7 +56,13 @@ class ConfigError(BuildError):
 
 
 class StageError(BuildError):
-    """A stage could not make its artifact (a toolchain command failed, an output is missing)."""
+    """A stage could not make its artifact (a toolchain command failed, an output is missing).
+    `finding`: what the stage found out about the failure (e.g. the layer where a quantized model
+    parts from its float one), kept in the failure marker for reports."""
+
+    def __init__(self, message: str = "", finding: dict | None = None):
+        super().__init__(message)
+        self.finding = finding
 
 
 class GateError(StageError):

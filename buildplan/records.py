@@ -17,6 +17,7 @@ class StageResult:
     figures: dict = field(default_factory=dict)  # comparison -> its figures (cosine, rel_max_abs, match...)
     acceptance: str | None = None  # which of `figures` decides acceptance; default: the first with a cosine
     standin: bool = False  # made by a test stand-in: never a real compile, never cached or published
+    summary: str | None = None  # a few words for the console line, beside the acceptance figure
     extra: dict = field(default_factory=dict)  # anything else it reports (sizes, counts, device memory...)
 
     @classmethod
@@ -90,6 +91,8 @@ class Record:
             flat["acceptance"] = r.acceptance
         if r.standin:
             flat["standin"] = True
+        if r.summary is not None:
+            flat["summary"] = r.summary
         return flat
 
     @classmethod

@@ -12,6 +12,9 @@ def stale_nodes(plan: Plan) -> dict[str, list[dict]]:
     for node_id in plan.closure(list(plan.nodes)):
         node = plan.nodes[node_id]
         reasons = store.check(node)
+        failure = store.read_failure(node_id) if reasons else None
+        if failure:  # what the last attempt found out (e.g. the layer a quantized model parts at)
+            reasons.append({"kind": "failed", "text": "last build failed: " + (failure["error"].splitlines() or [""])[0]})
         upstream = [d for d in node.deps if d in stale]
         # A stale upstream explains a changed input; don't also list its digest change.
         reasons = [r for r in reasons if not (r["kind"] == "upstream" and any(u in r["text"] for u in upstream))]

@@ -245,7 +245,8 @@ def _run_task(store: Store, node_id: str, build: bool, placement: dict):
         msg = f"{node_id}: {detail}\n  log: {ctx.log_path}"
         if kept:
             msg += f"\n  scratch files kept for inspection: {kept}"
-        store.mark_failure(node_id, detail, str(ctx.log_path.relative_to(ctx.root)), utc_now())
+        store.mark_failure(node_id, detail, str(ctx.log_path.relative_to(ctx.root)), utc_now(),
+                           getattr(e, "finding", None))
         return TaskFailed(msg)
     shutil.rmtree(ctx.staging, ignore_errors=True)
     digest = outputs_digest(outputs)

@@ -100,8 +100,9 @@ class Store:
     def failure_path(self, node_id: str) -> Path:
         return self.state_dir / "failed" / f"{safe_name(node_id)}.json"
 
-    def mark_failure(self, node_id: str, error: str, log: str, at: str):
-        atomic_write(self.failure_path(node_id), json.dumps({"node": node_id, "error": error, "log": log, "at": at}))
+    def mark_failure(self, node_id: str, error: str, log: str, at: str, finding: dict | None = None):
+        marker = {"node": node_id, "error": error, "log": log, "at": at, **({"finding": finding} if finding else {})}
+        atomic_write(self.failure_path(node_id), json.dumps(marker, default=str))
 
     def clear_failure(self, node_id: str):
         with contextlib.suppress(FileNotFoundError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from buildplan.core import Node, Setting, StageError
+from buildplan.core import GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, installed_versions, memoised, short_sha
 from compile.acceptance import ACCEPT, accept, calibration_files, calibration_samples
 from export.specs import GRAPHS
@@ -23,9 +23,15 @@ PRECISIONS = ("F32", "INT8")
 SETTINGS = (
     Setting("precisions", "choices", "one ORT-format model each; INT8 is ORT static quantization (QDQ)",
             default=("F32",), allowed=PRECISIONS, axis=True),
+    Setting("mixed_precision", "str", "INT8: `auto` keeps the fewest layers in float that make the model pass its "
+            "acceptance (searched once, kept as an artifact); `off`: pure INT8, a failure names the layer",
+            default="off", allowed=("off", "auto")),
+    Setting("max_float_layers", "int", "mixed_precision auto: at most this many nodes kept in float",
+            default=16, minimum=1, maximum=100000, unit="nodes"),
 )
-STAGE_DOCS = {"ort": "ONNX Runtime ORT-format model"}
-MEMORY_MB = {"ort": {"tiny": 800, "base": 6000}}  # peak RSS of the build process, measured on tiny; base a guess
+STAGE_DOCS = {"ort": "ONNX Runtime ORT-format model", "float_layers": "layers an INT8 model keeps in float"}
+# peak RSS of the build process, measured on tiny; base a guess
+MEMORY_MB = {"ort": {"tiny": 800, "base": 6000}, "float_layers": {"tiny": 1000, "base": 8000}}
 # Extended, not all: the layout rewrites of level "all" are specific to the converting machine's
 # CPU, and an ORT file is meant to run elsewhere. Extended still fuses QDQ pairs into INT8 kernels.
 OPTIMIZATION = "extended"
@@ -54,26 +60,39 @@ def ort_path(model: str, graph: str, precision: str, batch: int) -> str:
 
 
 def declare(plan, model, dims: dict, target, exported) -> None:
+    mixed = target.settings["mixed_precision"] == "auto"
     for graph in target.graphs:
         for bs in target.batch_sizes:
             simplified = exported.fixed(graph, bs)
             for precision in target.settings["precisions"]:
                 int8 = precision == "INT8"
+                labels = {"graph": graph, "batch": bs, "target": target.name, "precision": precision}
+                calibration = {"samples": model.calibration["samples"], "dims": dims} if int8 else {}
+                sources = calibration_files(model.calibration["data"]) if int8 else ()
+                deps = (simplified,)
+                if int8 and mixed:  # the search's answer is an artifact: searched again only when stale
+                    deps += (plan.add(Node(
+                        id=f"float_layers:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="float_layers",
+                        model=model.name, action="compile.ort:run_float_search", toolchain=NAME, deps=(simplified,),
+                        outputs={"float_layers": ort_path(model.name, graph, precision, bs) + ".float_layers.json"},
+                        sources=sources, labels=labels,
+                        params={"graph": graph, "batch": bs, "precision": precision, **calibration,
+                                "max_float_layers": target.settings["max_float_layers"]})).id,)
                 plan.add(Node(
                     id=f"ort:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="ort", model=model.name,
                     outputs={"ort": ort_path(model.name, graph, precision, bs)}, action="compile.ort:run",
-                    toolchain=NAME, deps=(simplified,),
-                    sources=calibration_files(model.calibration["data"]) if int8 else (),
+                    toolchain=NAME, deps=deps, sources=sources,
                     params={"graph": graph, "batch": bs, "precision": precision, "optimization": OPTIMIZATION,
-                            **({"samples": model.calibration["samples"], "dims": dims} if int8 else {})},
-                    labels={"graph": graph, "batch": bs, "target": target.name, "precision": precision}),
+                            **calibration, **({"mixed_precision": "auto"} if int8 and mixed else {})},
+                    labels=labels),
                     f"compile:{target.name}")
 
 
 # --- run -------------------------------------------------------------------------------------
-def quantize(onnx_file: Path, out: Path, samples, per_channel: bool) -> None:
+def quantize(onnx_file: Path, out: Path, samples, per_channel: bool, float_layers=()) -> None:
     """ORT static quantization, QDQ format: int8 weights, uint8 activations whose ranges come
-    from `samples`. Per-channel weight scales need opset 13 (DequantizeLinear's axis)."""
+    from `samples`; the nodes in `float_layers` stay float. Per-channel weight scales need
+    opset 13 (DequantizeLinear's axis)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -84,7 +103,7 @@ def quantize(onnx_file: Path, out: Path, samples, per_channel: bool) -> None:
             return next(self.feeds, None)
 
     quantize_static(str(onnx_file), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(float_layers))
 
 
 def to_ort_format(onnx_file: Path, out: Path) -> None:
@@ -100,38 +119,102 @@ def to_ort_format(onnx_file: Path, out: Path) -> None:
         raise StageError(f"ONNX Runtime wrote no ORT-format model for {onnx_file.name}")
 
 
-def run(node: Node, ctx) -> dict:
+def _evaluate(model_file: Path, spec, inputs: dict, reference: dict, precision: str) -> tuple[dict | None, str | None]:
+    """(figures, None) when the model meets its acceptance on the reference inputs, else (None, why)."""
     import onnxruntime as ort
 
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    produced = session.run([t.name for t in spec.outputs], inputs)
+    try:
+        return accept(spec, reference, produced, precision), None
+    except StageError as e:
+        return None, str(e)
+
+
+def _localized(onnx_file: Path, quantized: Path, inputs: dict, precision: str) -> tuple[dict, list[dict]]:
+    import onnx
+
+    from compile.ort_precision import findings, profile
+
+    float_model = onnx.load(str(onnx_file))
+    entries = profile(float_model, onnx.load(str(quantized)), inputs, precision)
+    return findings(entries, precision, {i.name for i in float_model.graph.input}), entries
+
+
+def run(node: Node, ctx) -> dict:
+    import json
+
+    from compile.ort_precision import describe
     from export.gates import worst
     from export.reference import read_io
 
     p = node.params
     spec = GRAPHS[p["graph"]]
     onnx_file = ctx.input("onnx")
+    inputs, reference = read_io(ctx.input("reference"))
     work = ctx.workdir()
     result: dict = {}
+    model_file = onnx_file
     if p["precision"] == "INT8":
-        quantized = work / "quantized.onnx"
-        count = [0]
-
-        def counted(samples):
-            for sample in samples:
-                count[0] += 1
-                yield sample
-        quantize(onnx_file, quantized, counted(calibration_samples(node, spec, p.get("dims"), p["batch"])),
-                 per_channel=spec.opset >= 13)
-        result["calibration"] = {"samples": count[0], "synthetic": not node.sources}
-        onnx_file = quantized
-    out = ctx.tmp("ort")
-    to_ort_format(onnx_file, out)
+        float_layers = json.loads(ctx.input("float_layers").read_text())["float_layers"] \
+            if p.get("mixed_precision") == "auto" else []
+        model_file = work / "quantized.onnx"
+        samples = list(calibration_samples(node, spec, p.get("dims"), p["batch"]))
+        quantize(onnx_file, model_file, samples, per_channel=spec.opset >= 13, float_layers=float_layers)
+        result["calibration"] = {"samples": len(samples), "synthetic": not node.sources}
+        result["float_layers"] = float_layers
     # The artifact itself, loaded from its ORT file, on the reference inputs.
-    inputs, reference = read_io(ctx.input("reference"))
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    produced = session.run([t.name for t in spec.outputs], inputs)
-    figures = accept(spec, reference, produced, p["precision"])
+    out = ctx.tmp("ort")
+    to_ort_format(model_file, out)
+    figures, problem = _evaluate(out, spec, inputs, reference, p["precision"])
+    if problem is not None:
+        if model_file == onnx_file:
+            raise GateError(problem)
+        found, _ = _localized(onnx_file, model_file, inputs, p["precision"])
+        ctx.log(f"localization ({found['compared']} activations compared): {json.dumps(found)}")
+        raise GateError(f"{problem}; {describe(found, p['precision'])}", finding=found)
     min_cos, max_rel = ACCEPT[p["precision"]]
     ctx.log(f"{out.name}: accepted against the ONNX reference (min cosine {min_cos}, max relative error {max_rel}): "
             f"{figures}")
+    if result.get("float_layers"):
+        result["summary"] = f"mixed: {len(result['float_layers'])} nodes in float"
     return {**result, "figures": {"ort_vs_onnx": worst(figures)}, "ort_bytes": out.stat().st_size,
-            "onnx_bytes": ctx.input("onnx").stat().st_size}
+            "onnx_bytes": onnx_file.stat().st_size}
+
+
+def run_float_search(node: Node, ctx) -> dict:
+    """The fewest nodes to keep in float for this graph's INT8 model to pass its acceptance: none
+    when pure INT8 passes; else the search in compile/ort_precision.py, within the budget."""
+    import json
+
+    from compile.ort_precision import search_float_layers
+    from export.reference import read_io
+
+    p = node.params
+    spec = GRAPHS[p["graph"]]
+    onnx_file = ctx.input("onnx")
+    inputs, reference = read_io(ctx.input("reference"))
+    samples = list(calibration_samples(node, spec, p.get("dims"), p["batch"]))
+    work = ctx.workdir()
+    count = [0]
+
+    def quantized(float_layers) -> Path:
+        count[0] += 1
+        out = work / f"quantized_{count[0]}.onnx"
+        quantize(onnx_file, out, samples, per_channel=spec.opset >= 13, float_layers=float_layers)
+        return out
+
+    pure = quantized([])
+    figures, problem = _evaluate(pure, spec, inputs, reference, p["precision"])
+    table = {"float_layers": [], "tensors": [], "quantizations": 1, "pure": {"passes": problem is None}}
+    if problem is not None:
+        found, entries = _localized(onnx_file, pure, inputs, p["precision"])
+        table["pure"].update(problem=problem, localized=found)
+        ctx.log(f"pure {p['precision']}: {problem}")
+        searched = search_float_layers(entries, lambda layers: _evaluate(quantized(layers), spec, inputs, reference,
+                                                                         p["precision"])[1] is None,
+                                       p["max_float_layers"], ctx.log)
+        table.update(searched, quantizations=searched["quantizations"] + 1)
+    ctx.tmp("float_layers").write_text(json.dumps(table, indent=1))
+    return {"float_layers": table["float_layers"], "quantizations": table["quantizations"],
+            "summary": f"{len(table['float_layers'])} nodes kept in float, {table['quantizations']} quantizations"}

@@ -1,0 +1,103 @@
+"""Precision work on the ONNX Runtime backend (issue 21): a failing INT8 cell names the layer
+where the quantized model parts from its float model, and `mixed_precision: auto` keeps the
+fewest layers in float that make it pass, as an artifact of its own."""
+import json
+
+import numpy as np
+import pytest
+
+from compile import ort_precision
+from conftest import doit, executed, write_config
+
+
+def _chain(weights: dict):
+    """x[1,16] -> L1 MatMul -> R1 Relu -> L2 MatMul -> R2 Relu -> L3 MatMul -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, prev = [], "x"
+    for i in (1, 2, 3):
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"l{i}"], name=f"L{i}"))
+        prev = f"l{i}"
+        if i < 3:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"], name=f"R{i}"))
+            prev = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 16])],
+                              [numpy_helper.from_array(w, f"W{i}") for i, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.unit
+def test_localization_names_exactly_the_perturbed_layer():
+    rng = np.random.default_rng(0)
+    weights = {i: rng.normal(size=(16, 16)).astype(np.float32) for i in (1, 2, 3)}
+    float_model = _chain(weights)
+    perturbed = dict(weights)
+    perturbed[2] = weights[2] + rng.normal(size=(16, 16)).astype(np.float32)  # layer L2 alone is off
+    feeds = {"x": rng.normal(size=(1, 16)).astype(np.float32)}
+    entries = ort_precision.profile(float_model, _chain(perturbed), feeds, "INT8")
+    assert [e["node"] for e in entries] == ["L1", "R1", "L2", "R2", "L3"]
+    found = ort_precision.findings(entries, "INT8", {"x"})
+    first = found["first_off"]
+    assert first["node"] == "L2" and first["op"] == "MatMul" and first["starts_here"]
+    assert first["cosine"] < 0.95 and first["inputs"] == {"r1": pytest.approx(1.0)}
+    text = ort_precision.describe(found, "INT8")
+    assert "L2 (MatMul)" in text and "the error starts there" in text
+    # were L2 within the rule, the first one off would be R2, whose input (L2's output) already
+    # differs: the error accumulated before it
+    lenient = [{**e, "severity": 0.5} if e["node"] == "L2" else e for e in entries]
+    late = ort_precision.findings(lenient, "INT8", {"x"})["first_off"]
+    assert late["node"] == "R2" and not late["starts_here"]
+    assert "accumulated before it" in ort_precision.describe({"first_off": late, "input_match": 0.99}, "INT8")
+
+
+@pytest.mark.unit
+def test_the_search_finds_an_irreducible_set_within_the_budget():
+    """Keeps the k worst activations in float, bisecting k, then drops the unneeded: here C and E
+    must stay float; the worst (A) need not."""
+    sev = {"A": 9.0, "B": 0.5, "C": 5.0, "D": 3.0, "E": 4.0, "F": 0.1}
+    entries = [{"node": n, "op": "MatMul", "tensor": n.lower(), "consumers": [], "severity": s} for n, s in sev.items()]
+    calls = []
+
+    def passes(nodes):
+        calls.append(list(nodes))
+        return {"C", "E"} <= set(nodes)
+
+    found = ort_precision.search_float_layers(entries, passes, budget=6, log=lambda _: None)
+    assert sorted(found["float_layers"]) == ["C", "E"] and found["quantizations"] == len(calls)
+    assert len(calls) <= 3 + 1 + 4  # log2(6) + 1 to find k, then one per kept activation
+    with pytest.raises(Exception, match="budget of 1"):
+        ort_precision.search_float_layers(entries, passes, budget=1, log=lambda _: None)
+
+
+IMAGE_FEAT = {"name": "r", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 0},
+              "graphs": ["BLIP_image_feat"], "calibration": {"samples": 4}}
+
+
+def test_a_failing_int8_cell_names_its_layer_and_mixed_precision_makes_it_pass(tmp_path):
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", [{**IMAGE_FEAT, "targets": {"cpu": {"precisions": ["INT8"]}}}], root)
+    failed = doit(cfg, check=False)
+    assert failed.returncode != 0
+    line = next(x for x in failed.stdout.splitlines() if x.startswith("F  ort:r.BLIP_image_feat.cpu.INT8.1b"))
+    assert "first layer off in INT8:" in line and "(MatMul)" in line and "the error starts there" in line
+    marker = json.loads((root / ".state/failed/ort__r.BLIP_image_feat.cpu.INT8.1b.json").read_text())
+    assert marker["finding"]["first_off"]["op"] == "MatMul" and marker["finding"]["worst"]["node"]
+    stale = doit(cfg, "stale", check=False).stdout
+    assert "last build failed:" in stale and marker["finding"]["first_off"]["node"] in stale
+
+    def mixed(budget: int):
+        write_config(cfg, [{**IMAGE_FEAT, "targets": {"cpu": {"precisions": ["INT8"], "mixed_precision": "auto",
+                                                                "max_float_layers": budget}}}], root)
+    mixed(8)
+    proc = doit(cfg)
+    assert executed(proc) == ["float_layers:r.BLIP_image_feat.cpu.INT8.1b", "ort:r.BLIP_image_feat.cpu.INT8.1b"]
+    rec = json.loads((root / ".state/ort__r.BLIP_image_feat.cpu.INT8.1b.json").read_text())
+    table = json.loads((root / "r/CPU/BLIP_image_feat_cpu_int8_1b.ort.float_layers.json").read_text())
+    assert rec["float_layers"] == table["float_layers"] and 0 < len(rec["float_layers"]) <= 8
+    assert rec["figures"]["ort_vs_onnx"]["cosine"] >= 0.95 and rec["figures"]["ort_vs_onnx"]["rel_max_abs"] <= 0.2
+    assert not table["pure"]["passes"] and table["quantizations"] <= 12
+    assert executed(doit(cfg)) == []  # the search is an artifact: not run again
+    mixed(1)
+    proc = doit(cfg, check=False)  # a new budget searches again; one node is not enough here
+    assert "float_layers:r.BLIP_image_feat.cpu.INT8.1b" in proc.stdout and "budget of 1" in proc.stdout
