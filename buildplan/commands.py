@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 
 from doit.cmd_base import DoitCmdBase
@@ -170,6 +171,13 @@ class Nightly(DaskRun):
                          failure_verbosity=failure_verbosity, pdb=pdb, dask_scheduler=dask_scheduler)
         path, failed = nightly.write_report(plan, started, skipped, report_dir or None, damaged)
         print(f"nightly report: {path}.html (and .json); failed: {failed}", file=sys.stderr)
+        cov = json.loads(Path(f"{path}.json").read_text())["coverage"]
+        if cov["cells"]:
+            print(f"coverage: {cov['accepted']} of {cov['cells']} cells built and accepted ({cov['share']:.0%})",
+                  file=sys.stderr)
+            for hole in cov["holes"]:
+                print(f"  hole {hole['cell']}: {hole['status']}" + (f": {hole['reason']}" if hole["reason"] else ""),
+                      file=sys.stderr)
         return 1 if failed else 0
 
 

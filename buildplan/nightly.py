@@ -69,7 +69,7 @@ def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: 
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     doc = {"started": started, "finished": utc_now(), "config": plan.config.path, "summary": counts,
-           "skipped_targets": skipped, "verify_damaged": damaged or {}, "artifacts": rows}
+           "coverage": coverage(rows), "skipped_targets": skipped, "verify_damaged": damaged or {}, "artifacts": rows}
     out_dir = Path(report_dir or Path(plan.root) / REPORTS_DIR)
     stem = out_dir / f"nightly-{started[:19].replace(':', '')}"
     history = _append_history(out_dir, doc, stem)
@@ -77,6 +77,28 @@ def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: 
     atomic_write(f"{stem}.html", render_html(doc, history, Path(plan.root), out_dir))
     atomic_write(out_dir / "index.html", render_index(history))
     return stem, counts.get("failed", 0)
+
+
+def coverage(rows: list[dict]) -> dict:
+    """Cells of the matrix (model, graph, target, precision, batch size): declared, accepted (every
+    node of the cell built or up to date, i.e. through its acceptance), and each hole with its node
+    and reason (the failure's first line, with the layer or op a backend localized)."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        lab = r["labels"]
+        if "target" in lab and "precision" in lab:
+            cells.setdefault((r["model"], lab.get("graph"), lab["target"], lab["precision"], str(lab.get("batch"))),
+                             []).append(r)
+    holes = []
+    for key, members in sorted(cells.items()):
+        bad = [m for m in members if m["status"] not in ("built", "up to date")]
+        if bad:
+            first = next((m for m in bad if m["status"] == "failed"), bad[0])
+            holes.append({"cell": " ".join(key[:4]) + f" bs{key[4]}", "node": first["node"], "status": first["status"],
+                          "reason": (first.get("reason") or "").splitlines()[0] if first.get("reason") else ""})
+    accepted = len(cells) - len(holes)
+    return {"cells": len(cells), "accepted": accepted,
+            "share": round(accepted / len(cells), 4) if cells else None, "holes": holes}
 
 
 def _append_history(out_dir: Path, doc: dict, stem: Path) -> list[dict]:
@@ -214,6 +236,10 @@ def render_html(doc: dict, history: list[dict], root: Path, out_dir: Path) -> st
              "<p><b>" + ", ".join(f"{_e(k)}: {v}" for k, v in sorted(doc["summary"].items())) + "</b>"
              f" &middot; config {_e(doc['config'])} &middot; finished {_e(doc['finished'])} &middot; "
              "<a href='index.html'>all nights</a></p>"]
+    cov = doc.get("coverage") or {}
+    if cov.get("cells"):
+        parts.append(f"<p id=coverage><b>Coverage: {cov['accepted']} of {cov['cells']} cells built and accepted "
+                     f"({cov['share']:.0%})</b></p>")
     if failed:
         parts.append(f"<h2 id=failures>Failures ({len(failed)})</h2>")
         for r in failed:

@@ -172,3 +172,20 @@ def test_reporter_prints_a_line_per_task_and_a_summary(store, monkeypatch):
     assert any("failed onnx:m: log artifacts/logs/onnx__m.log" in line for line in lines)
     assert any("skipped compile:ascend310p3: ATC not found" in line for line in lines)
     assert os.environ.get("BLIPC_VERBOSE") != "1"
+
+
+def test_coverage_counts_cells_and_names_each_hole():
+    from buildplan.nightly import coverage
+
+    def row(node, status, graph="g", target="cpu", precision="INT8", reason=None):
+        return {"node": node, "model": "m", "status": status, "reason": reason,
+                "labels": {"graph": graph, "batch": 1, "target": target, "precision": precision}}
+
+    rows = [row("float_layers:a", "built"), row("ort:a", "up to date"),  # one cell, two nodes
+            row("ort:b", "failed", graph="h", reason="h INT8: cosine 0.9; first layer off in INT8: L2 (MatMul)\nlog"),
+            row("bmodel:c", "skipped", target="bm1684x", precision="F16", reason="an upstream artifact failed"),
+            {"node": "transform:g", "model": "m", "status": "failed", "labels": {"graph": "g", "batch": 1}}]
+    cov = coverage(rows)
+    assert (cov["cells"], cov["accepted"], cov["share"]) == (3, 1, round(1 / 3, 4))
+    assert [h["cell"] for h in cov["holes"]] == ["m g bm1684x F16 bs1", "m h cpu INT8 bs1"]
+    assert cov["holes"][1]["reason"].endswith("L2 (MatMul)") and cov["holes"][1]["status"] == "failed"
