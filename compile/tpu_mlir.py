@@ -39,6 +39,11 @@ SETTINGS = (
             default=True),
     Setting("device_memory_mb", "int", "device memory one bmodel may need (default: the seed's NPU heap)",
             default=lambda chip: DEVICE_MEMORY_MB[chip], minimum=1, maximum=1 << 20, unit="MiB"),
+    Setting("mixed_precision", "str", "below F32: `auto` keeps in F32 (a quantize table, searched once and kept as "
+            "an artifact) the fewest ops that make model_deploy compile; `off`: a crash names the op", default="off",
+            allowed=("off", "auto")),
+    Setting("max_float_layers", "int", "mixed_precision auto: at most this many ops kept in F32",
+            default=16, minimum=1, maximum=100000, unit="ops"),
 )
 TOOLCHAIN_SETTINGS = (
     Setting("root", "path", "a TPU-MLIR environment or install prefix whose bin/ has model_deploy.py "
@@ -47,10 +52,10 @@ TOOLCHAIN_SETTINGS = (
 ROOT_ENV = "BLIPC_TPU_MLIR"  # a TPU-MLIR of the user's own
 ENVIRONMENT = (ROOT_ENV, "BLIPC_TOOLCHAIN_DIR")  # read by detect(); the no-op snapshot watches them
 STAGE_DOCS = {"transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table",
-              "bmodel": "SOPHGO bmodel"}
+              "bmodel": "SOPHGO bmodel", "float_ops": "TPU-MLIR ops a bmodel keeps in F32 (a quantize table)"}
 # Peak RSS of the largest tool process, measured (README: base transforms 6-10 GB, bmodels ~4 GB), rounded up.
 MEMORY_MB = {"transform": {"tiny": 1600, "base": 11000}, "calibrate": {"tiny": 1200, "base": 11000},
-             "bmodel": {"tiny": 700, "base": 5000}}
+             "bmodel": {"tiny": 700, "base": 5000}, "float_ops": {"tiny": 700, "base": 5000}}
 HOWTO = (f"run ./bootstrap.sh (installs TPU-MLIR {VERSION} into ~/.cache/blipc or BLIPC_TOOLCHAIN_DIR), or point BLIPC_TPU_MLIR "
          "(or toolchains.tpu_mlir.root in models.yaml) at an environment whose bin/ has model_deploy.py")
 # cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.
@@ -134,17 +139,26 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                             "dims": dims},
                     labels=labels))
             for precision in settings["precisions"]:
+                bmodel = bmodel_path(model.name, graph, target.name, precision, bs)
+                # the simplified graph too: its .io.npz is what the bmodel is accepted against
+                deps = (transform.id, simplified) + ((calibration.id,) if precision == "INT8" else ())
+                mixed = settings["mixed_precision"] == "auto" and precision != "F32"
+                cell = {**labels, "target": target.name, "precision": precision}
+                compiled = {"graph": graph, "batch": bs, "chip": target.name, "precision": precision}
+                if mixed:  # the table is an artifact: searched again only when stale
+                    deps += (plan.add(Node(
+                        id=f"float_ops:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="float_ops",
+                        model=model.name, outputs={"float_ops": bmodel + ".float_ops.json"},
+                        action="compile.tpu_mlir:run_float_search", toolchain=NAME, deps=deps, labels=cell,
+                        params={**compiled, "max_float_layers": settings["max_float_layers"]})).id,)
                 plan.add(Node(
                     id=f"bmodel:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="bmodel",
-                    model=model.name, outputs={"bmodel": bmodel_path(model.name, graph, target.name, precision, bs)},
-                    action="compile.tpu_mlir:run_deploy", toolchain=NAME,
-                    # the simplified graph too: its .io.npz is what the bmodel is accepted against
-                    deps=(transform.id, simplified) + ((calibration.id,) if precision == "INT8" else ()),
-                    params={"graph": graph, "batch": bs, "chip": target.name, "precision": precision,
-                            "simulate": settings["simulate"], "tolerance": DEPLOY_TOLERANCE[precision],
-                            "device_memory_mb": settings["device_memory_mb"],
+                    model=model.name, outputs={"bmodel": bmodel}, action="compile.tpu_mlir:run_deploy", toolchain=NAME,
+                    deps=deps,
+                    params={**compiled, "simulate": settings["simulate"], "tolerance": DEPLOY_TOLERANCE[precision],
+                            "device_memory_mb": settings["device_memory_mb"], **({"mixed_precision": "auto"} if mixed else {}),
                             **({"loop": loop_settings(spec, dims)} if spec.decoding else {})},
-                    labels={**labels, "target": target.name, "precision": precision}),
+                    labels=cell),
                     f"compile:{target.name}")
 
 
@@ -261,22 +275,123 @@ def _link_weights(ctx, work) -> None:
     (work / weights.name).symlink_to(weights)
 
 
+def top_ops(mlir: str) -> list[tuple[str, str]]:
+    """(location name, op type) of every computing op of a top MLIR, in order: what a quantize
+    table names (inputs, weights and `none` values excluded)."""
+    locs = dict(re.findall(r'^(#loc\d+)\s*=\s*loc\("([^"]*)"\)\s*$', mlir, re.M))
+    found = []
+    for op, loc in re.findall(r'^\s*%[^=]+=\s*"top\.(\w+)".*\bloc\((#loc\d+)\)\s*$', mlir, re.M):
+        if op not in ("None", "Input", "Weight") and loc in locs:
+            found.append((locs[loc], op))
+    return found
+
+
+def _deploy_argv(ctx, p: dict, work: Path, name: str, float_ops=()) -> list[str]:
+    """model_deploy's command for this node's chip and precision; the ops in `float_ops` kept in
+    F32 by a quantize table written into `work`."""
+    argv = ["model_deploy.py", "--mlir", str(ctx.input("mlir")), "--quantize", p["precision"], "--processor", p["chip"],
+            "--model", name]
+    if p["precision"] == "INT8":
+        argv += ["--calibration_table", str(ctx.input("cali_table"))]
+    if float_ops:
+        (work / "float_ops.qtable").write_text("".join(f"{op} F32\n" for op in float_ops))
+        argv += ["--quantize_table", "float_ops.qtable"]
+    return argv
+
+
+def _compiles(ctx, p: dict, float_ops, count: list) -> bool:
+    """Whether model_deploy makes a bmodel with these ops in F32 (the compile only, no validation)."""
+    count[0] += 1
+    work = ctx.workdir(f"try{count[0]}")
+    _link_weights(ctx, work)
+    try:
+        ctx.run(_deploy_argv(ctx, p, work, "t.bmodel", float_ops), cwd=work,
+                what=f"model_deploy.py (crash search, try {count[0]})")
+        return True
+    except StageError:
+        return False
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def localize_crash(ctx, p: dict, ops: list[tuple[str, str]], already=(), count=None, fails_as_is=False) -> dict:
+    """The op whose lowering to p's precision makes model_deploy fail: bisect over how many of the
+    ops (in graph order) are quantized, the rest kept in F32 by a quantize table. Costs about
+    log2(ops) + 2 compiles, no validation runs."""
+    count = count if count is not None else [0]
+    names = [n for n, _ in ops if n not in already]
+    kinds = dict(ops)
+    if not fails_as_is and _compiles(ctx, p, list(already), count):
+        return {"op": None, "compiles": count[0],
+                "why": "the compile itself succeeds: model_deploy failed its own comparison of the TPU dialect "
+                       "with the top MLIR (an accuracy failure; see the log)"}
+    if not _compiles(ctx, p, list(already) + names, count):
+        return {"op": None, "compiles": count[0],
+                "why": f"model_deploy fails even with every op in F32: not a {p['precision']} problem"}
+    low, high = 0, len(names)  # low quantized ops compile; high (all of them) do not
+    while high - low > 1:
+        mid = (low + high) // 2
+        if _compiles(ctx, p, list(already) + names[mid:], count):
+            low = mid
+        else:
+            high = mid
+    culprit = names[high - 1]
+    return {"op": culprit, "type": kinds[culprit], "compiles": count[0],
+            "why": f"model_deploy compiles the first {high - 1} ops in {p['precision']} and fails once "
+                   f"{culprit} ({kinds[culprit]}) is too"}
+
+
+def run_float_search(node: Node, ctx) -> dict:
+    """The ops to keep in F32 for model_deploy to compile this graph at this precision: none when
+    it compiles as it is; else one crash localization per op kept, within the budget."""
+    import json
+
+    p = node.params
+    ops = top_ops(ctx.input("mlir").read_text())
+    count, kept, steps = [0], [], []
+    while not _compiles(ctx, p, kept, count):
+        found = localize_crash(ctx, p, ops, kept, count, fails_as_is=True)
+        steps.append(found)
+        if found["op"] is None:
+            raise StageError(f"mixed precision: {found['why']}", finding=found)
+        if len(kept) >= p["max_float_layers"]:
+            raise StageError(f"mixed precision: the budget of {p['max_float_layers']} ops in F32 is spent "
+                             f"({', '.join(kept)}) and model_deploy still fails; next: {found['op']} ({found['type']})",
+                             finding=found)
+        ctx.log(f"mixed precision: keeping {found['op']} ({found['type']}) in F32: {found['why']}")
+        kept.append(found["op"])
+    kinds = dict(ops)
+    table = {"float_ops": kept, "types": {k: kinds[k] for k in kept}, "compiles": count[0], "steps": steps}
+    ctx.tmp("float_ops").write_text(json.dumps(table, indent=1))
+    return {"float_ops": kept, "compiles": count[0],
+            "summary": f"{len(kept)} ops kept in F32, {count[0]} compiles"}
+
+
 def run_deploy(node: Node, ctx) -> dict:
+    import json
+
     p = node.params
     in_f32, top_outputs = ctx.input("test_input"), ctx.input("top_outputs")
     work = ctx.workdir()
     _link_weights(ctx, work)
     name = Path(node.outputs["bmodel"]).name
-    argv = ["model_deploy.py", "--mlir", str(ctx.input("mlir")), "--quantize", p["precision"], "--processor", p["chip"],
-            "--model", name]
+    float_ops = json.loads(ctx.input("float_ops").read_text())["float_ops"] if p.get("mixed_precision") else []
+    argv = _deploy_argv(ctx, p, work, name, float_ops)
     if p["simulate"]:
         # TPU-MLIR checks its TPU dialect against the top MLIR; it would also run the bmodel on the
         # cmodel, but then deletes the outputs, so that run (minutes for BLIP-base) is ours, below.
         argv += ["--test_input", str(in_f32), "--test_reference", str(top_outputs), "--tolerance", p["tolerance"],
                  "--skip_validation"]
-    if p["precision"] == "INT8":
-        argv += ["--calibration_table", str(ctx.input("cali_table"))]
-    log = ctx.run(argv, cwd=work, what="model_deploy.py")
+    try:
+        log = ctx.run(argv, cwd=work, what="model_deploy.py")
+    except StageError as e:
+        if p["precision"] == "F32" or float_ops:
+            raise
+        found = localize_crash(ctx, p, top_ops(ctx.input("mlir").read_text()))
+        ctx.log(f"crash localization: {json.dumps(found)}")
+        raise StageError(f"{str(e).splitlines()[0]} {found['why']} ({found['compiles']} compiles to find it); "
+                         "mixed_precision: auto keeps such ops in F32\n" + "\n".join(str(e).splitlines()[1:]),
+                         finding={"crash": found}) from None
     figures = {"tpu_mlir": _similarities(log)}
     device = device_memory(ctx.run(["model_tool", "--info", name], cwd=work, what="model_tool --info"))
     device["bmodel_bytes"] = (work / name).stat().st_size
@@ -304,7 +419,8 @@ def run_deploy(node: Node, ctx) -> dict:
         if "loop" in p:
             figures["cmodel_loop_vs_onnx_loop"] = _cmodel_loop(ctx, p["loop"], work / name, io_file, work)
     shutil.move(work / name, ctx.tmp("bmodel"))
-    return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device}
+    return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device,
+            **({"float_ops": float_ops, "summary": f"mixed: {len(float_ops)} ops in F32"} if float_ops else {})}
 
 
 def device_memory(info: str) -> dict:

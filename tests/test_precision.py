@@ -101,3 +101,25 @@ def test_a_failing_int8_cell_names_its_layer_and_mixed_precision_makes_it_pass(t
     mixed(1)
     proc = doit(cfg, check=False)  # a new budget searches again; one node is not enough here
     assert "float_layers:r.BLIP_image_feat.cpu.INT8.1b" in proc.stdout and "budget of 1" in proc.stdout
+
+
+@pytest.mark.tpu_mlir
+def test_a_toolchain_crash_names_its_op_and_mixed_precision_compiles_around_it(tmp_path):
+    """blip_itm in INT8 on bm1684x: tpuc-opt fails without a message. The build bisects with
+    quantize tables to the op whose INT8 lowering crashes, and `mixed_precision: auto` keeps it in F32."""
+    root = tmp_path / "artifacts"
+    itm = {"name": "r", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 0}, "graphs": ["blip_itm"],
+           "calibration": {"samples": 4}}
+    cfg = write_config(tmp_path / "models.yaml", [{**itm, "targets": {"bm1684x": {"precisions": ["INT8"]}}}], root)
+    failed = doit(cfg, check=False)
+    line = next(x for x in failed.stdout.splitlines() if x.startswith("F  bmodel:r.blip_itm.bm1684x.INT8.1b"))
+    marker = json.loads((root / ".state/failed/bmodel__r.blip_itm.bm1684x.INT8.1b.json").read_text())
+    crash = marker["finding"]["crash"]
+    assert crash["op"] and crash["type"] and f"{crash['op']} ({crash['type']})" in line, line
+    assert crash["compiles"] <= 12  # about log2(ops) + 2, not one per op
+    write_config(cfg, [{**itm, "targets": {"bm1684x": {"precisions": ["INT8"], "mixed_precision": "auto"}}}], root)
+    proc = doit(cfg)
+    assert executed(proc) == ["float_ops:r.blip_itm.bm1684x.INT8.1b", "bmodel:r.blip_itm.bm1684x.INT8.1b"]
+    rec = json.loads((root / ".state/bmodel__r.blip_itm.bm1684x.INT8.1b.json").read_text())
+    assert rec["float_ops"] == [crash["op"]] and rec["figures"]["bmodel_vs_onnx"]["cosine"] >= 0.95
+    assert executed(doit(cfg)) == []
