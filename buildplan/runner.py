@@ -251,7 +251,7 @@ def _run_task(store: Store, node_id: str, build: bool, placement: dict):
     shutil.rmtree(ctx.staging, ignore_errors=True)
     digest = outputs_digest(outputs)
     tc = ctx.toolchain() if node.toolchain else None
-    record = Record(
+    committed = Record(
         node=node.id, stage=node.stage, model=node.model, labels=node.labels,
         fingerprint=store.fingerprint(parts), parts=parts, outputs=outputs, roles=dict(node.outputs), digest=digest,
         toolchain={"name": tc.name, "label": tc.label, "standin": tc.standin} if tc else None,
@@ -263,11 +263,11 @@ def _run_task(store: Store, node_id: str, build: bool, placement: dict):
         log=str(ctx.log_path.relative_to(ctx.root)),
         worker=placement.get("worker"), memory_request_mb=placement.get("memory_request_mb"),
         from_cache=from_cache, result=result,
-    ).to_json()
+    )
+    record = committed.to_json()
     store.commit(record)
     ctx.log(f"# done in {record['duration_s']} s" + (" (pulled from the cache)" if pulled else ""))
-    standin = record.get("standin") or (record["toolchain"] or {}).get("standin")
-    if cache.settings.writes and not pulled and not standin:  # only what this machine built and proved
+    if cache.settings.writes and not pulled and not committed.is_standin:  # only what this machine built and proved
         try:
             ctx.log(f"cache: {cache.push(record, ctx.root, ctx.log)}")
         except cache_mod.CacheUnavailable as e:

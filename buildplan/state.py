@@ -17,9 +17,9 @@ from pathlib import Path
 
 from buildplan import backends, files
 from buildplan.core import Node
-from buildplan.records import Record, valid_record
 from buildplan.files import LOGS_DIR, MANIFEST, atomic_write, read_json, read_memo, safe_name, sha256_file, stat_key, tree_paths, write_memo
 from buildplan.plan import Plan
+from buildplan.records import Record, valid_record
 
 
 @functools.cache
@@ -333,15 +333,20 @@ class Store:
             return f"{path} does not list exactly the built artifacts"
         return None
 
+    def committed_records(self):
+        """(file, record) of every record file under .state/ that has a record's shape, declared
+        or not (a record dropped by a task that just started, or damaged, is skipped)."""
+        for p in sorted(self.state_dir.glob("*.json")):
+            rec = read_json(p)
+            if valid_record(rec, rec.get("node") if rec else None):
+                yield p, rec
+
     def expected_manifest(self) -> dict:
         """What manifest.json should say: every valid, declared record whose outputs exist."""
         entries = []
-        for p in sorted(self.state_dir.glob("*.json")):
-            if p.name in ("hashcache.json", self.VERDICTS):
-                continue
-            rec = read_json(p)
-            if not valid_record(rec, rec.get("node") if rec else None) or rec["node"] not in self.plan.nodes:
-                continue  # dropped by a task that just started (parallel builds), damaged, or no longer declared
+        for p, rec in self.committed_records():
+            if rec["node"] not in self.plan.nodes:
+                continue  # no longer declared
             for rel, meta in rec["outputs"].items():
                 if (self.root / rel).exists():
                     entries.append({"path": rel, **meta, "node": rec["node"], "stage": rec["stage"],
@@ -355,10 +360,8 @@ def undeclared(store: "Store") -> dict[str, list[str]]:
     that no declared artifact also writes."""
     declared_outputs = {rel for node in store.plan.nodes.values() for rel in node.paths}
     found = {}
-    for p in sorted(store.state_dir.glob("*.json")):
-        rec = read_json(p)
-        if valid_record(rec, rec.get("node") if rec else None) and rec["node"] not in store.plan.nodes \
-                and p.name == f"{safe_name(rec['node'])}.json":
+    for p, rec in store.committed_records():
+        if rec["node"] not in store.plan.nodes and p.name == f"{safe_name(rec['node'])}.json":
             found[rec["node"]] = [rel for rel in rec["outputs"] if rel not in declared_outputs]
     return found
 
