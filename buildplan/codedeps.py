@@ -2,7 +2,7 @@
 
 From the action's module, follow every import of a project module (top-level or inside a
 function: stages import their heavy helpers lazily) and every sibling `*.py` file the module
-names as a string (a script it runs in a toolchain's Python, e.g. compile/cmodel_loop.py).
+names as a string (a script it runs in a toolchain's Python, e.g. compile/cmodel_runs.py).
 Package `__init__.py` files count only when the package itself is imported: they hold the stage
 and backend registries, which change what is built, not how.
 
@@ -48,7 +48,7 @@ def _references(rel: str, source: str) -> list[str]:
             if node.level:  # relative import
                 up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
-            for a in node.names:  # `from compile import cmodel_loop` imports a module
+            for a in node.names:  # `from compile import cmodel_runs` imports a module
                 m = _module_file(f"{base}.{a.name}") or _module_file(base)
                 if m:
                     found.append(m)

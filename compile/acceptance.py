@@ -2,7 +2,7 @@
 inputs against the ONNX reference (`.io.npz`) that the export stage proved against PyTorch."""
 from __future__ import annotations
 
-from buildplan.core import StageError
+from buildplan.core import GateError, StageError
 
 # Per precision: minimum cosine, largest error relative to the reference's largest magnitude.
 ACCEPT = {"F32": (0.999, 0.01), "F16": (0.99, 0.05), "BF16": (0.98, 0.1), "INT8": (0.95, 0.2)}
@@ -10,7 +10,7 @@ ACCEPT = {"F32": (0.999, 0.01), "F16": (0.99, 0.05), "BF16": (0.98, 0.1), "INT8"
 
 def accept(spec, reference: dict, produced: list, precision: str) -> dict:
     """Compare a compiled graph's outputs (in the spec's order) with the ONNX reference; raise
-    a StageError naming the output when it is off by more than the precision allows."""
+    a GateError naming the output when it is off by more than the precision allows."""
     import numpy as np
 
     from export.gates import compare
@@ -28,7 +28,7 @@ def accept(spec, reference: dict, produced: list, precision: str) -> dict:
     for name, f in figures.items():
         f["rel_max_abs"] = f["max_abs"] / (float(np.max(np.abs(reference[name]))) or 1.0)
         if not spec.discrete_outputs and (f["cosine"] < min_cos or f["rel_max_abs"] > max_rel):
-            raise StageError(f"{spec.name} {precision}: output {name} vs the ONNX reference: cosine {f['cosine']:.5f} "
+            raise GateError(f"{spec.name} {precision}: output {name} vs the ONNX reference: cosine {f['cosine']:.5f} "
                              f"(min {min_cos}), relative max error {f['rel_max_abs']:.4f} (max {max_rel})")
     return figures
 
@@ -55,3 +55,98 @@ def calibration_samples(node, spec, dims: dict, batch: int):
     else:
         for i in range(node.params["samples"]):
             yield make_inputs(spec, dims, batch, seed=1000 + i)
+
+
+# --- decoders below F32 -------------------------------------------------------------------------
+# A reduced precision moves every logit by about its rounding error; where the reference's two best
+# tokens are closer than that, the greedy choice is a coin toss, and a free-running loop differs
+# from the first flipped token on. Exact equality then measures the luck of near ties on one input,
+# not the artifact. Below F32 a decoder is held instead to the share of identical decisions over
+# GATE_SAMPLES inputs: whole greedy sequences (the loop of a step decoder, the rows of an unrolled
+# one) and, for a step decoder, each next token given the reference's own prefix (the step graph
+# called once on the sample's ids, every position checked). F32 keeps exact equality.
+TOKEN_AGREEMENT = {"F16": 0.9, "BF16": 0.8, "INT8": 0.7}
+GATE_SAMPLES = 10  # the reference's own inputs and 9 more: one call each (a step decoder's next tokens)
+GATE_LOOPS = 4  # of which the first 4 also run the whole greedy loop (a call per token: the cmodel's cost)
+DECODER_GATES = ("agreement", "exact")
+GATE_SEED = 7000  # sample seeds GATE_SEED + 1.. (calibration uses 1000+, the export stage 0-1)
+
+
+def token_gate(spec, precision: str, rule: str, dims: dict) -> dict | None:
+    """The node parameters of a decoder's agreement gate, or None when the exact rule applies."""
+    if not spec.discrete_outputs or precision == "F32" or rule == "exact":
+        return None
+    return {"rule": "agreement", "min_share": TOKEN_AGREEMENT[precision], "samples": GATE_SAMPLES,
+            "loops": GATE_LOOPS if spec.decoding else 0, "dims": dims}
+
+
+def gate_inputs(spec, gate: dict, batch: int, first: dict) -> list[dict]:
+    """The agreement gate's inputs: the reference file's sample first, then seeded ones."""
+    from export.samples import make_inputs
+
+    return [first] + [make_inputs(spec, gate["dims"], batch, seed=GATE_SEED + i) for i in range(1, gate["samples"])]
+
+
+def onnx_runs(model_file, spec, samples: list[dict], loop: dict | None, loops: int) -> list[dict]:
+    """Each sample on ONNX Runtime: its outputs by spec name, and for the first `loops` samples
+    a step decoder's greedy loop ids under "loop"."""
+    import onnxruntime as ort
+
+    from export.decoding import greedy_loop
+
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    names = [t.name for t in spec.outputs]
+    runs = []
+    for index, feeds in enumerate(samples):
+        run = dict(zip(names, session.run(names, feeds), strict=True))
+        if loop and index < loops:
+            run["loop"] = greedy_loop(lambda f: session.run(names[:1], f)[0], feeds, **loop)
+        runs.append(run)
+    return runs
+
+
+def _first_difference(want, got) -> int | None:
+    import numpy as np
+
+    diff = np.flatnonzero(want != got)
+    return int(diff[0]) if diff.size else None
+
+
+def accept_tokens(spec, reference_runs: list[dict], candidate_runs: list[dict], precision: str, min_share: float) -> dict:
+    """The agreement rule: at least `min_share` of the sequences identical to the reference's, and
+    (step decoders) of the next tokens chosen after the reference's prefix. Raises a GateError
+    with the figures when either share is lower."""
+    import numpy as np
+
+    sequences, identical, divergences, decisions, same = 0, 0, [], 0, 0
+    for ref, got in zip(reference_runs, candidate_runs, strict=True):
+        pairs = [(ref["loop"], got["loop"])] if "loop" in ref else []
+        for t in spec.outputs:
+            want = np.asarray(ref[t.name])
+            have = np.asarray(got[t.name]).reshape(want.shape)
+            if spec.decoding:  # next_ids[:, t] after ids[:, :t+1]: one decision per position
+                decisions += want.size
+                same += int(np.sum(want == have))
+            else:  # an unrolled decoder's rows are whole sequences
+                pairs.append((want, have))
+        for want, have in pairs:
+            for row_want, row_have in zip(np.asarray(want), np.asarray(have).reshape(np.shape(want)), strict=True):
+                sequences += 1
+                first = _first_difference(row_want, row_have)
+                if first is None:
+                    identical += 1
+                else:
+                    divergences.append(first)
+    figures = {"rule": "agreement", "min_share": min_share, "samples": len(reference_runs), "sequences": sequences,
+               "identical_sequences": identical / sequences if sequences else 1.0,
+               "first_divergence": min(divergences) if divergences else None}
+    if decisions:
+        figures["next_token_agreement"] = same / decisions
+    short = [f"{label} {figures[key]:.3f}" for key, label in (("identical_sequences", "identical sequences"),
+                                                             ("next_token_agreement", "next-token agreement"))
+             if figures.get(key, 1.0) < min_share]
+    if short:
+        where = f", the earliest divergence at position {figures['first_divergence']}" if divergences else ""
+        raise GateError(f"{spec.name} {precision}: token agreement with the ONNX reference over "
+                         f"{len(reference_runs)} inputs: {', '.join(short)} (min {min_share}){where}")
+    return figures

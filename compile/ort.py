@@ -13,7 +13,8 @@ from pathlib import Path
 
 from buildplan.core import GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, installed_versions, memoised, short_sha
-from compile.acceptance import ACCEPT, accept, calibration_files, calibration_samples
+from compile.acceptance import (ACCEPT, DECODER_GATES, accept, accept_tokens, calibration_files, calibration_samples,
+                                gate_inputs, onnx_runs, token_gate)
 from export.specs import GRAPHS
 
 NAME = "onnxruntime"
@@ -28,6 +29,9 @@ SETTINGS = (
             default="off", allowed=("off", "auto")),
     Setting("max_float_layers", "int", "mixed_precision auto: at most this many nodes kept in float",
             default=16, minimum=1, maximum=100000, unit="nodes"),
+    Setting("decoder_gate", "str", "decoders in INT8: `agreement` holds the token ids to the share of identical "
+            "decisions over many inputs (README: token gates); `exact`: every token equal, as in F32",
+            default="agreement", allowed=DECODER_GATES),
 )
 STAGE_DOCS = {"ort": "ONNX Runtime ORT-format model", "float_layers": "layers an INT8 model keeps in float"}
 # peak RSS of the build process, measured on tiny; base a guess
@@ -66,6 +70,8 @@ def declare(plan, model, dims: dict, target, exported) -> None:
             simplified = exported.fixed(graph, bs)
             for precision in target.settings["precisions"]:
                 int8 = precision == "INT8"
+                gate = token_gate(GRAPHS[graph], precision, target.settings["decoder_gate"], dims)
+                gated = {"token_gate": gate} if gate else {}
                 labels = {"graph": graph, "batch": bs, "target": target.name, "precision": precision}
                 calibration = {"samples": model.calibration["samples"], "dims": dims} if int8 else {}
                 sources = calibration_files(model.calibration["data"]) if int8 else ()
@@ -76,14 +82,14 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                         model=model.name, action="compile.ort:run_float_search", toolchain=NAME, deps=(simplified,),
                         outputs={"float_layers": ort_path(model.name, graph, precision, bs) + ".float_layers.json"},
                         sources=sources, labels=labels,
-                        params={"graph": graph, "batch": bs, "precision": precision, **calibration,
+                        params={"graph": graph, "batch": bs, "precision": precision, **calibration, **gated,
                                 "max_float_layers": target.settings["max_float_layers"]})).id,)
                 plan.add(Node(
                     id=f"ort:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="ort", model=model.name,
                     outputs={"ort": ort_path(model.name, graph, precision, bs)}, action="compile.ort:run",
                     toolchain=NAME, deps=deps, sources=sources,
                     params={"graph": graph, "batch": bs, "precision": precision, "optimization": OPTIMIZATION,
-                            **calibration, **({"mixed_precision": "auto"} if int8 and mixed else {})},
+                            **calibration, **gated, **({"mixed_precision": "auto"} if int8 and mixed else {})},
                     labels=labels),
                     f"compile:{target.name}")
 
@@ -119,22 +125,43 @@ def to_ort_format(onnx_file: Path, out: Path) -> None:
         raise StageError(f"ONNX Runtime wrote no ORT-format model for {onnx_file.name}")
 
 
-def _evaluate(model_file: Path, spec, inputs: dict, reference: dict, precision: str) -> tuple[dict | None, str | None]:
-    """(figures, None) when the model meets its acceptance on the reference inputs, else (None, why)."""
-    import onnxruntime as ort
+class Acceptance:
+    """What a model of this node is held to, prepared once: the ONNX reference's outputs on its
+    sample, or a decoder's agreement gate with the ONNX graph's runs on the gate's inputs."""
 
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    produced = session.run([t.name for t in spec.outputs], inputs)
-    try:
-        return accept(spec, reference, produced, precision), None
-    except StageError as e:
-        return None, str(e)
+    def __init__(self, node: Node, ctx, spec, inputs: dict, reference: dict):
+        from export.decoding import loop_settings
+
+        self.spec, self.precision, self.inputs, self.reference = spec, node.params["precision"], inputs, reference
+        self.gate = node.params.get("token_gate")
+        if self.gate:
+            self.loop = loop_settings(spec, self.gate["dims"]) if spec.decoding else None
+            self.samples = gate_inputs(spec, self.gate, node.params["batch"], inputs)
+            self.want = onnx_runs(ctx.input("onnx"), spec, self.samples, self.loop, self.gate["loops"])
+
+    def evaluate(self, model_file: Path) -> tuple[dict | None, str | None]:
+        """(figures, None) when the model meets its acceptance, else (None, why)."""
+        from export.gates import worst
+
+        try:
+            if self.gate:
+                got = onnx_runs(model_file, self.spec, self.samples, self.loop, self.gate["loops"])
+                return {"tokens_vs_onnx": accept_tokens(self.spec, self.want, got, self.precision,
+                                                        self.gate["min_share"])}, None
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+            produced = session.run([t.name for t in self.spec.outputs], self.inputs)
+            return {"ort_vs_onnx": worst(accept(self.spec, self.reference, produced, self.precision))}, None
+        except StageError as e:
+            return None, str(e)
 
 
 def _localized(onnx_file: Path, quantized: Path, inputs: dict, precision: str) -> tuple[dict, list[dict]]:
     import onnx
 
-    from compile.ort_precision import findings, profile
+    from compile.localization import findings
+    from compile.ort_precision import profile
 
     float_model = onnx.load(str(onnx_file))
     entries = profile(float_model, onnx.load(str(quantized)), inputs, precision)
@@ -144,8 +171,7 @@ def _localized(onnx_file: Path, quantized: Path, inputs: dict, precision: str) -
 def run(node: Node, ctx) -> dict:
     import json
 
-    from compile.ort_precision import describe
-    from export.gates import worst
+    from compile.localization import describe
     from export.reference import read_io
 
     p = node.params
@@ -166,28 +192,28 @@ def run(node: Node, ctx) -> dict:
     # The artifact itself, loaded from its ORT file, on the reference inputs.
     out = ctx.tmp("ort")
     to_ort_format(model_file, out)
-    figures, problem = _evaluate(out, spec, inputs, reference, p["precision"])
+    figures, problem = Acceptance(node, ctx, spec, inputs, reference).evaluate(out)
     if problem is not None:
         if model_file == onnx_file:
             raise GateError(problem)
         found, _ = _localized(onnx_file, model_file, inputs, p["precision"])
         ctx.log(f"localization ({found['compared']} activations compared): {json.dumps(found)}")
         raise GateError(f"{problem}; {describe(found, p['precision'])}", finding=found)
-    min_cos, max_rel = ACCEPT[p["precision"]]
-    ctx.log(f"{out.name}: accepted against the ONNX reference (min cosine {min_cos}, max relative error {max_rel}): "
-            f"{figures}")
+    rule = "the token agreement rule" if p.get("token_gate") else "min cosine {}, max relative error {}".format(
+        *ACCEPT[p["precision"]])
+    ctx.log(f"{out.name}: accepted against the ONNX reference ({rule}): {figures}")
     if result.get("float_layers"):
         result["summary"] = f"mixed: {len(result['float_layers'])} nodes in float"
-    return {**result, "figures": {"ort_vs_onnx": worst(figures)}, "ort_bytes": out.stat().st_size,
+    return {**result, "figures": figures, "ort_bytes": out.stat().st_size,
             "onnx_bytes": onnx_file.stat().st_size}
 
 
 def run_float_search(node: Node, ctx) -> dict:
     """The fewest nodes to keep in float for this graph's INT8 model to pass its acceptance: none
-    when pure INT8 passes; else the search in compile/ort_precision.py, within the budget."""
+    when pure INT8 passes; else the search in compile/localization.py, within the budget."""
     import json
 
-    from compile.ort_precision import search_float_layers
+    from compile.localization import search_float_layers
     from export.reference import read_io
 
     p = node.params
@@ -204,17 +230,17 @@ def run_float_search(node: Node, ctx) -> dict:
         quantize(onnx_file, out, samples, per_channel=spec.opset >= 13, float_layers=float_layers)
         return out
 
+    acceptance = Acceptance(node, ctx, spec, inputs, reference)
     pure = quantized([])
-    figures, problem = _evaluate(pure, spec, inputs, reference, p["precision"])
+    _, problem = acceptance.evaluate(pure)
     table = {"float_layers": [], "tensors": [], "quantizations": 1, "pure": {"passes": problem is None}}
     if problem is not None:
         found, entries = _localized(onnx_file, pure, inputs, p["precision"])
         table["pure"].update(problem=problem, localized=found)
         ctx.log(f"pure {p['precision']}: {problem}")
-        searched = search_float_layers(entries, lambda layers: _evaluate(quantized(layers), spec, inputs, reference,
-                                                                         p["precision"])[1] is None,
+        searched = search_float_layers(entries, lambda layers: acceptance.evaluate(quantized(layers))[1] is None,
                                        p["max_float_layers"], ctx.log)
-        table.update(searched, quantizations=searched["quantizations"] + 1)
+        table.update(float_layers=searched["float_layers"], tensors=searched["tensors"], quantizations=searched["tries"] + 1)
     ctx.tmp("float_layers").write_text(json.dumps(table, indent=1))
     return {"float_layers": table["float_layers"], "quantizations": table["quantizations"],
             "summary": f"{len(table['float_layers'])} nodes kept in float, {table['quantizations']} quantizations"}

@@ -13,9 +13,10 @@ import re
 import shutil
 from pathlib import Path
 
-from buildplan.core import Node, Setting, StageError
+from buildplan.core import GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, memoised, short_sha
-from compile.acceptance import accept, calibration_files, calibration_samples
+from compile.acceptance import (DECODER_GATES, accept, accept_tokens, calibration_files, calibration_samples,
+                                gate_inputs, onnx_runs, token_gate)
 from export.decoding import loop_settings
 from export.specs import GRAPHS
 
@@ -44,6 +45,9 @@ SETTINGS = (
             allowed=("off", "auto")),
     Setting("max_float_layers", "int", "mixed_precision auto: at most this many ops kept in F32",
             default=16, minimum=1, maximum=100000, unit="ops"),
+    Setting("decoder_gate", "str", "decoders below F32: `agreement` holds the token ids to the share of identical "
+            "decisions over many inputs (README: token gates); `exact`: every token equal, as in F32",
+            default="agreement", allowed=DECODER_GATES),
 )
 TOOLCHAIN_SETTINGS = (
     Setting("root", "path", "a TPU-MLIR environment or install prefix whose bin/ has model_deploy.py "
@@ -145,6 +149,7 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                 mixed = settings["mixed_precision"] == "auto" and precision != "F32"
                 cell = {**labels, "target": target.name, "precision": precision}
                 compiled = {"graph": graph, "batch": bs, "chip": target.name, "precision": precision}
+                gate = token_gate(spec, precision, settings["decoder_gate"], dims)
                 if mixed:  # the table is an artifact: searched again only when stale
                     deps += (plan.add(Node(
                         id=f"float_ops:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="float_ops",
@@ -157,7 +162,8 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                     deps=deps,
                     params={**compiled, "simulate": settings["simulate"], "tolerance": DEPLOY_TOLERANCE[precision],
                             "device_memory_mb": settings["device_memory_mb"], **({"mixed_precision": "auto"} if mixed else {}),
-                            **({"loop": loop_settings(spec, dims)} if spec.decoding else {})},
+                            **({"loop": loop_settings(spec, dims)} if spec.decoding else {}),
+                            **({"token_gate": gate} if gate else {})},
                     labels=cell),
                     f"compile:{target.name}")
 
@@ -275,15 +281,63 @@ def _link_weights(ctx, work) -> None:
     (work / weights.name).symlink_to(weights)
 
 
+def top_graph(mlir: str) -> list[dict]:
+    """Every op of a top MLIR, in order: its location name (`node`, what a quantize table and a
+    tensor dump name), its type (`op`) and the location names of its operands (`inputs`)."""
+    locs = dict(re.findall(r'^(#loc\d+)\s*=\s*loc\("([^"]*)"\)\s*$', mlir, re.M))
+    named: dict[str, str | None] = {}
+    graph = []
+    for lhs, op, operands, loc in re.findall(
+            r'^\s*(%[^=]+?)\s*=\s*"top\.(\w+)"\(([^)]*)\).*\bloc\((#loc\d+)\)\s*$', mlir, re.M):
+        name = locs.get(loc)
+        named[lhs.split(":")[0].strip()] = name  # `%5:2` defines %5#0 and %5#1
+        operands = [named.get(v.strip().split("#")[0]) for v in operands.split(",") if v.strip()]
+        graph.append({"node": name, "op": op, "inputs": [v for v in operands if v]})
+    return graph
+
+
 def top_ops(mlir: str) -> list[tuple[str, str]]:
     """(location name, op type) of every computing op of a top MLIR, in order: what a quantize
     table names (inputs, weights and `none` values excluded)."""
-    locs = dict(re.findall(r'^(#loc\d+)\s*=\s*loc\("([^"]*)"\)\s*$', mlir, re.M))
-    found = []
-    for op, loc in re.findall(r'^\s*%[^=]+=\s*"top\.(\w+)".*\bloc\((#loc\d+)\)\s*$', mlir, re.M):
-        if op not in ("None", "Input", "Weight") and loc in locs:
-            found.append((locs[loc], op))
-    return found
+    return [(g["node"], g["op"]) for g in top_graph(mlir) if g["node"] and g["op"] not in ("None", "Input", "Weight")]
+
+
+def localize_accuracy(ctx, p: dict, float_ops=()) -> tuple[dict, list[dict]]:
+    """Every tensor of the TPU dialect against the top MLIR's on the reference sample, under the
+    precision's rule: the first op off, whether its inputs still match, and the worst (a finding
+    of compile/localization.py), with the per-op figures. Costs one model_deploy with
+    --compare_all and one top MLIR run that dumps every tensor."""
+    import numpy as np
+
+    from compile.localization import findings, tensor_figures
+
+    work = ctx.workdir("localize")
+    _link_weights(ctx, work)
+    in_f32 = str(ctx.input("test_input"))
+    ctx.run(["model_runner.py", "--input", in_f32, "--model", str(ctx.input("mlir")), "--output", "top_tensors.npz",
+             "--dump_all_tensors"], cwd=work, what="model_runner.py (every tensor of the top MLIR)")
+    try:  # --debug keeps the TPU dialect's tensors, which model_deploy otherwise deletes
+        ctx.run(_deploy_argv(ctx, p, work, "localize.bmodel", float_ops) + [
+            "--test_input", in_f32, "--test_reference", "top_tensors.npz", "--compare_all", "--tolerance",
+            p["tolerance"], "--debug", "--skip_validation"], cwd=work, what="model_deploy.py --compare_all (localization)")
+    except StageError:
+        pass  # its own comparison may fail: that is what is being localized
+    dumped = sorted(work.glob("*_tpu_outputs.npz"))
+    if not dumped:
+        raise StageError("model_deploy --compare_all wrote no tensors of the TPU dialect: cannot localize")
+    graph = top_graph(ctx.input("mlir").read_text())
+    entries = []
+    with np.load(work / "top_tensors.npz") as top, np.load(dumped[0]) as tpu:
+        for g in graph:
+            name = g["node"]
+            if g["op"] in ("None", "Input", "Weight") or name not in top.files or name not in tpu.files:
+                continue
+            want, got = top[name], tpu[name]
+            if want.size == got.size:
+                entries.append({**g, "tensor": name, "consumers": [],
+                                **tensor_figures(want, got.reshape(want.shape), p["precision"])})
+    shutil.rmtree(work, ignore_errors=True)
+    return findings(entries, p["precision"], {g["node"] for g in graph if g["op"] == "Input"}), entries
 
 
 def _deploy_argv(ctx, p: dict, work: Path, name: str, float_ops=()) -> list[str]:
@@ -322,7 +376,7 @@ def localize_crash(ctx, p: dict, ops: list[tuple[str, str]], already=(), count=N
     names = [n for n, _ in ops if n not in already]
     kinds = dict(ops)
     if not fails_as_is and _compiles(ctx, p, list(already), count):
-        return {"op": None, "compiles": count[0],
+        return {"op": None, "compiles": count[0], "compiles_as_is": True,
                 "why": "the compile itself succeeds: model_deploy failed its own comparison of the TPU dialect "
                        "with the top MLIR (an accuracy failure; see the log)"}
     if not _compiles(ctx, p, list(already) + names, count):
@@ -389,6 +443,8 @@ def run_deploy(node: Node, ctx) -> dict:
             raise
         found = localize_crash(ctx, p, top_ops(ctx.input("mlir").read_text()))
         ctx.log(f"crash localization: {json.dumps(found)}")
+        if found.get("compiles_as_is"):  # TPU-MLIR's own comparison failed: an accuracy failure
+            raise _localized(ctx, p, e) from None
         raise StageError(f"{str(e).splitlines()[0]} {found['why']} ({found['compiles']} compiles to find it); "
                          "mixed_precision: auto keeps such ops in F32\n" + "\n".join(str(e).splitlines()[1:]),
                          finding={"crash": found}) from None
@@ -403,21 +459,10 @@ def run_deploy(node: Node, ctx) -> dict:
                          f"{p['device_memory_mb']} MiB: use a step decoder (blip_cap_step, blip_vqa_tdec_step) "
                          "or raise the target's device_memory_mb if the device really has more")
     if p["simulate"]:
-        import numpy as np
-
-        from export.gates import worst
-        from export.reference import read_io
-
-        # The finished bmodel on the chip's cmodel: the network outputs, in order.
-        ctx.run(["model_runner.py", "--input", str(in_f32), "--model", name, "--output", "bmodel_outputs.npz"],
-                cwd=work, what="model_runner.py (cmodel run of the bmodel)")
-        with np.load(work / "bmodel_outputs.npz") as z:
-            produced = [z[k] for k in z.files]
-        io_file = ctx.input("reference")
-        _, reference = read_io(io_file)
-        figures["bmodel_vs_onnx"] = worst(accept(GRAPHS[p["graph"]], reference, produced, p["precision"]))
-        if "loop" in p:
-            figures["cmodel_loop_vs_onnx_loop"] = _cmodel_loop(ctx, p["loop"], work / name, io_file, work)
+        try:
+            figures.update(_accepted(ctx, p, work / name, work))
+        except GateError as e:
+            raise _localized(ctx, p, e, float_ops) from None
     shutil.move(work / name, ctx.tmp("bmodel"))
     return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device,
             **({"float_ops": float_ops, "summary": f"mixed: {len(float_ops)} ops in F32"} if float_ops else {})}
@@ -436,21 +481,86 @@ def device_memory(info: str) -> dict:
     return found
 
 
-def _cmodel_loop(ctx, settings: dict, bmodel, io_file, work) -> dict:
-    """The runtime's greedy loop around the step bmodel on the cmodel; its tokens must equal the
-    loop's on the ONNX graph (which the export stage proved equal to transformers' generate())."""
+def _accepted(ctx, p: dict, bmodel: Path, work: Path) -> dict:
+    """The finished bmodel on the chip's cmodel, accepted against the ONNX reference: its figures,
+    or a GateError."""
+    spec = GRAPHS[p["graph"]]
+    if spec.discrete_outputs:
+        return _decoder_gate(ctx, p, spec, bmodel, work)
+    import numpy as np
+
+    from export.gates import worst
+    from export.reference import read_io
+
+    ctx.run(["model_runner.py", "--input", str(ctx.input("test_input")), "--model", bmodel.name, "--output",
+             "bmodel_outputs.npz"], cwd=work, what="model_runner.py (cmodel run of the bmodel)")
+    with np.load(work / "bmodel_outputs.npz") as z:
+        produced = [z[k] for k in z.files]  # the network outputs, in order
+    _, reference = read_io(ctx.input("reference"))
+    return {"bmodel_vs_onnx": worst(accept(spec, reference, produced, p["precision"]))}
+
+
+def _localized(ctx, p: dict, failure: StageError, float_ops=()) -> StageError:
+    """The failure, with the op where the TPU dialect parts from the top MLIR named in it."""
+    import json
+
+    from compile.localization import describe
+
+    try:
+        found, _ = localize_accuracy(ctx, p, float_ops)
+    except StageError as e:
+        ctx.log(f"accuracy localization failed: {e}")
+        return failure
+    ctx.log(f"accuracy localization ({found['compared']} tensors compared): {json.dumps(found)}")
+    said = describe(found, p["precision"])
+    if "first_off" not in found and GRAPHS[p["graph"]].discrete_outputs:
+        said = (f"every tensor up to the token choice meets the {p['precision']} rule (worst cosine "
+                f"{found['worst']['cosine']:.5f}): the tokens that differ are near ties between the best logits")
+    lines = str(failure).splitlines()
+    return GateError("\n".join([f"{lines[0]}; {said}", *lines[1:]]), finding=found)
+
+
+def _decoder_gate(ctx, p: dict, spec, bmodel: Path, work: Path) -> dict:
+    """A decoder's bmodel on the cmodel against the ONNX graph: under the exact rule, on the
+    reference file's sample (every token equal, the step decoder's whole greedy loop too); under
+    the agreement rule (below F32), over the gate's inputs (compile/acceptance.py)."""
+    from export.gates import compare, worst
+    from export.reference import read_io, read_loop
+
+    io_file = ctx.input("reference")
+    inputs, reference = read_io(io_file)
+    gate, loop = p.get("token_gate"), p.get("loop")
+    samples = gate_inputs(spec, gate, p["batch"], inputs) if gate else [inputs]
+    loops = gate["loops"] if gate else 1
+    got = _cmodel_runs(ctx, spec, bmodel, samples, loop, loops, work)
+    if gate:
+        want = onnx_runs(ctx.input("onnx"), spec, samples, loop, loops)
+        return {"tokens_vs_onnx": accept_tokens(spec, want, got, p["precision"], gate["min_share"])}
+    figures = {"bmodel_vs_onnx": worst(accept(spec, reference, [got[0][t.name] for t in spec.outputs], p["precision"]))}
+    if loop:  # the runtime's greedy loop around the step bmodel: the ONNX loop's tokens, which the
+        # export stage proved equal to transformers' generate()
+        ids = loop["ids_name"]
+        figures["cmodel_loop_vs_onnx_loop"] = compare(read_loop(io_file), {ids: got[0]["loop"]}, 0.0, discrete=True)[ids]
+    return figures
+
+
+def _cmodel_runs(ctx, spec, bmodel: Path, samples: list[dict], loop: dict | None, loops: int, work: Path) -> list[dict]:
+    """The bmodel on the cmodel, one toolchain process for every sample: each sample's outputs by
+    spec name (in order: lowering may rename them), and for the first `loops` samples the greedy
+    loop's ids under "loop"."""
     import json
 
     import numpy as np
 
-    from export.gates import compare
-    from export.reference import read_io, read_loop
-
-    inputs, _ = read_io(io_file)
-    np.savez(work / "loop_inputs.npz", **inputs)
-    ctx.run(["python", str(Path(__file__).with_name("cmodel_loop.py")), str(bmodel), str(work / "loop_inputs.npz"),
-             json.dumps(settings), str(work / "loop_ids.npz")], cwd=work, what="greedy loop of the bmodel on the cmodel")
-    with np.load(work / "loop_ids.npz") as z:
-        got = z["ids"]
-    want = read_loop(io_file)
-    return compare(want, {settings["ids_name"]: got}, 0.0, discrete=True)[settings["ids_name"]]
+    np.savez(work / "gate_samples.npz", **{f"{i}/{k}": v for i, sample in enumerate(samples) for k, v in sample.items()})
+    ctx.run(["python", str(Path(__file__).with_name("cmodel_runs.py")), str(bmodel), str(work / "gate_samples.npz"),
+             json.dumps(loop), str(loops), str(work / "gate_outputs.npz")], cwd=work,
+            what=f"cmodel runs of the bmodel ({len(samples)} samples{f', {loops} greedy loops' if loop else ''})")
+    runs = []
+    with np.load(work / "gate_outputs.npz") as z:
+        for i in range(len(samples)):
+            run = {t.name: z[f"{i}/{k}"] for k, t in enumerate(spec.outputs)}
+            if loop and i < loops:
+                run["loop"] = z[f"{i}/loop"]
+            runs.append(run)
+    return runs

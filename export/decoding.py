@@ -1,7 +1,7 @@
 """The greedy loop a runtime runs around a step decoder (`GraphSpec.decoding`), numpy only.
 
 The same function drives ONNX Runtime in the export and simplify gates and the bmodel on the
-TPU-MLIR cmodel (compile/cmodel_loop.py runs it inside the toolchain's Python), so every
+TPU-MLIR cmodel (compile/cmodel_runs.py runs it inside the toolchain's Python), so every
 runtime is held to the same loop that is proven equal to transformers' generate().
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ def greedy_loop(step: Callable[[dict], np.ndarray], feeds: dict, ids_name: str, 
     ids[:, : len(prompt_ids)] = prompt_ids
     done = np.zeros(batch, dtype=bool)
     for t in range(len(prompt_ids) - 1, length - 1):
+        if done.all():  # the rest is PAD already: no need to pay for the calls
+            break
         nxt = np.asarray(step({**feeds, ids_name: ids.copy()})).reshape(batch, length)[:, t].astype(np.int64)
         nxt = np.where(done, PAD_ID, nxt)
         done |= nxt == SEP_ID

@@ -64,7 +64,7 @@ def test_code_is_the_import_closure_of_the_action():
         for code in by_stage[stage]:
             assert "export/gates.py" in code, (stage, code)
     for code in by_stage["bmodel"]:
-        assert {"compile/tpu_mlir.py", "compile/acceptance.py", "compile/cmodel_loop.py", "export/reference.py",
+        assert {"compile/tpu_mlir.py", "compile/acceptance.py", "compile/cmodel_runs.py", "export/reference.py",
                 "export/decoding.py", "buildplan/core.py"} <= set(code)
         assert "export/graphs.py" not in code  # compiling does not run the exporter
     for code in by_stage["simplify"]:

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from compile import ort_precision
+from compile import acceptance, localization, ort_precision
+from export.specs import GRAPHS
 from conftest import doit, executed, write_config
 
 
@@ -37,18 +38,18 @@ def test_localization_names_exactly_the_perturbed_layer():
     feeds = {"x": rng.normal(size=(1, 16)).astype(np.float32)}
     entries = ort_precision.profile(float_model, _chain(perturbed), feeds, "INT8")
     assert [e["node"] for e in entries] == ["L1", "R1", "L2", "R2", "L3"]
-    found = ort_precision.findings(entries, "INT8", {"x"})
+    found = localization.findings(entries, "INT8", {"x"})
     first = found["first_off"]
     assert first["node"] == "L2" and first["op"] == "MatMul" and first["starts_here"]
     assert first["cosine"] < 0.95 and first["inputs"] == {"r1": pytest.approx(1.0)}
-    text = ort_precision.describe(found, "INT8")
+    text = localization.describe(found, "INT8")
     assert "L2 (MatMul)" in text and "the error starts there" in text
     # were L2 within the rule, the first one off would be R2, whose input (L2's output) already
     # differs: the error accumulated before it
     lenient = [{**e, "severity": 0.5} if e["node"] == "L2" else e for e in entries]
-    late = ort_precision.findings(lenient, "INT8", {"x"})["first_off"]
+    late = localization.findings(lenient, "INT8", {"x"})["first_off"]
     assert late["node"] == "R2" and not late["starts_here"]
-    assert "accumulated before it" in ort_precision.describe({"first_off": late, "input_match": 0.99}, "INT8")
+    assert "accumulated before it" in localization.describe({"first_off": late, "input_match": 0.99}, "INT8")
 
 
 @pytest.mark.unit
@@ -63,11 +64,51 @@ def test_the_search_finds_an_irreducible_set_within_the_budget():
         calls.append(list(nodes))
         return {"C", "E"} <= set(nodes)
 
-    found = ort_precision.search_float_layers(entries, passes, budget=6, log=lambda _: None)
-    assert sorted(found["float_layers"]) == ["C", "E"] and found["quantizations"] == len(calls)
+    found = localization.search_float_layers(entries, passes, budget=6, log=lambda _: None)
+    assert sorted(found["float_layers"]) == ["C", "E"] and found["tries"] == len(calls)
     assert len(calls) <= 3 + 1 + 4  # log2(6) + 1 to find k, then one per kept activation
     with pytest.raises(Exception, match="budget of 1"):
-        ort_precision.search_float_layers(entries, passes, budget=1, log=lambda _: None)
+        localization.search_float_layers(entries, passes, budget=1, log=lambda _: None)
+
+
+def _runs(sequences, next_ids):
+    """A step decoder's runs: one greedy loop and one teacher-forced call per sample."""
+    return [{"loop": np.array([seq]), "next_ids": np.array([nxt])} for seq, nxt in zip(sequences, next_ids, strict=True)]
+
+
+@pytest.mark.unit
+def test_the_token_agreement_rule_counts_identical_sequences_and_next_token_choices():
+    step, unrolled = GRAPHS["blip_cap_step"], GRAPHS["blip_cap"]
+    assert acceptance.token_gate(step, "F32", "agreement", {}) is None  # F32 keeps exact equality
+    assert acceptance.token_gate(step, "INT8", "exact", {}) is None  # selectable below F32
+    assert acceptance.token_gate(GRAPHS["blip_cap_venc"], "INT8", "agreement", {}) is None  # not a decoder
+    assert acceptance.token_gate(step, "BF16", "agreement", {})["min_share"] == acceptance.TOKEN_AGREEMENT["BF16"]
+    rng = np.random.default_rng(0)
+    want = [list(rng.integers(1000, 2000, size=12)) for _ in range(10)]
+    nxt = [list(rng.integers(1000, 2000, size=12)) for _ in range(10)]
+    same = acceptance.accept_tokens(step, _runs(want, nxt), _runs(want, nxt), "F16", 0.9)
+    assert same["identical_sequences"] == 1.0 and same["next_token_agreement"] == 1.0
+    assert same["first_divergence"] is None and same["sequences"] == 10
+    # one sequence of ten parts at position 6 (a flipped near tie): 0.9 identical, the F16 share
+    flipped = [list(w) for w in want]
+    flipped[3][6:] = [7] * 6
+    one = acceptance.accept_tokens(step, _runs(want, nxt), _runs(flipped, nxt), "F16", 0.9)
+    assert one["identical_sequences"] == pytest.approx(0.9) and one["first_divergence"] == 6
+    flipped[8][9:] = [7] * 3
+    with pytest.raises(Exception, match=r"identical sequences 0\.800 \(min 0\.9\), the earliest divergence at "
+                                        "position 6"):
+        acceptance.accept_tokens(step, _runs(want, nxt), _runs(flipped, nxt), "F16", 0.9)
+    # the teacher-forced choices are counted one by one: 3 of 120 wrong is 0.975
+    wrong = [list(n) for n in nxt]
+    for row in (0, 4, 7):
+        wrong[row][2] = 7
+    forced = acceptance.accept_tokens(step, _runs(want, nxt), _runs(want, wrong), "BF16", 0.8)
+    assert forced["next_token_agreement"] == pytest.approx(117 / 120)
+    with pytest.raises(Exception, match="next-token agreement 0.975"):
+        acceptance.accept_tokens(step, _runs(want, nxt), _runs(want, wrong), "BF16", 0.98)
+    # an unrolled decoder's rows are whole sequences; no teacher forcing there
+    rows = [{"caption_ids": np.array([w])} for w in want]
+    assert "next_token_agreement" not in acceptance.accept_tokens(unrolled, rows, rows, "INT8", 0.7)
 
 
 IMAGE_FEAT = {"name": "r", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 0},
@@ -123,3 +164,29 @@ def test_a_toolchain_crash_names_its_op_and_mixed_precision_compiles_around_it(t
     rec = json.loads((root / ".state/bmodel__r.blip_itm.bm1684x.INT8.1b.json").read_text())
     assert rec["float_ops"] == [crash["op"]] and rec["figures"]["bmodel_vs_onnx"]["cosine"] >= 0.95
     assert executed(doit(cfg)) == []
+
+
+@pytest.mark.tpu_mlir
+def test_a_layer_that_overflows_in_f16_is_named_by_comparing_every_tensor(tmp_path):
+    """One layer of a checkpoint scaled past F16's range (65504): harmless in F32, where the next
+    LayerNorm rescales it; in F16 that layer's output overflows. The build names exactly it."""
+    from export.synthetic import save, synthetic_state_dict
+
+    state = synthetic_state_dict("captioning", "tiny", 1)
+    for key in ("visual_encoder.blocks.1.mlp.fc2.weight", "visual_encoder.blocks.1.mlp.fc2.bias"):
+        state[key] = state[key] * 1e6
+    save(state, tmp_path / "model_caption.pth")
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", [{
+        "name": "c", "task": "captioning", "checkpoint": str(tmp_path / "model_caption.pth"), "arch": "tiny",
+        "graphs": ["blip_cap_venc"], "targets": {"bm1684x": {"precisions": ["F32", "F16"]}}}], root)
+    proc = doit(cfg, "--continue", check=False, timeout=1200)
+    assert proc.returncode != 0
+    assert "bmodel:c.blip_cap_venc.bm1684x.F32.1b" in executed(proc)  # F32 builds and passes
+    marker = json.loads((root / ".state/failed/bmodel__c.blip_cap_venc.bm1684x.F16.1b.json").read_text())
+    first = marker["finding"]["first_off"]
+    assert "/encoder/layers.1/mlp/fc2/" in first["node"] and first["starts_here"], first
+    assert first["cosine"] < 0.99 or first["rel_max_abs"] > 0.05
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("F  bmodel:c.blip_cap_venc.bm1684x.F16.1b"))
+    assert f"first layer off in F16: {first['node']} ({first['op']})" in line and "the error starts there" in line
+    assert "last build failed:" in doit(cfg, "stale", check=False).stdout
