@@ -395,7 +395,7 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
                 declared[artifact] = where
             targets.append(target)
     targets = tuple(targets)
-    cal = c.mapping(m.get("calibration", {}), f"{path}.calibration", ("samples", "data"))
+    cal = c.mapping(m.get("calibration", {}), f"{path}.calibration", ("samples", "data", "images", "texts", "tokenizer"))
     samples = c.typed(cal.get("samples", DEFAULT_SAMPLES), f"{path}.calibration.samples", int, "an integer")
     if not SAMPLES[0] <= samples <= SAMPLES[1]:
         c.fail(f"{path}.calibration.samples", f"{samples} is out of range", f"use {SAMPLES[0]}..{SAMPLES[1]}")
@@ -406,7 +406,52 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
             c.fail(f"{path}.calibration.data", f"directory {data_path} does not exist",
                    "point it at a folder of .npz files, one per sample, keyed by the graph's input names")
         data = str(data_path.resolve())
-    return Model(name, task, ckpt, arch, image_size, graphs, targets, {"samples": samples, "data": data})
+    real = _real_calibration(c, cal, f"{path}.calibration", base_dir, ckpt, data, graphs, targets)
+    return Model(name, task, ckpt, arch, image_size, graphs, targets, {"samples": samples, "data": data, **real})
+
+
+def _real_calibration(c: _Checker, cal: dict, path: str, base_dir: Path, ckpt, data, graphs, targets) -> dict:
+    """calibration.images / texts / tokenizer: the files, checked before any work starts."""
+    from export.datasets import IMAGE_SUFFIXES, image_files, read_texts
+    from export.specs import producers
+
+    if cal.get("images") is None:
+        for key in ("texts", "tokenizer"):
+            if cal.get(key) is not None:
+                c.fail(f"{path}.{key}", "is only used with calibration.images", "add `images: <folder>` or remove it")
+        return {"images": None, "texts": None, "tokenizer": None}
+    if data is not None:
+        c.fail(f"{path}.images", "give either `data` (.npz samples) or `images` and `texts`, not both",
+               "remove one of them")
+    images = base_dir / c.typed(cal["images"], f"{path}.images", str, "a directory path")
+    if not images.is_dir() or not image_files(str(images)):
+        c.fail(f"{path}.images", f"{images} is not a folder with images ({', '.join(IMAGE_SUFFIXES)})",
+               "point it at a folder of calibration images")
+    if cal.get("texts") is None:
+        c.fail(f"{path}.texts", "is missing", "give a text file with one caption or question per line "
+               "(VQA: `question<TAB>answer` also calibrates the answer decoder)")
+    texts = base_dir / c.typed(cal["texts"], f"{path}.texts", str, "a file path")
+    if not texts.is_file() or not read_texts(str(texts)):
+        c.fail(f"{path}.texts", f"{texts} is not a file with at least one line of text",
+               "give a text file with one caption or question per line")
+    if cal.get("tokenizer") is not None:
+        tokenizer = base_dir / c.typed(cal["tokenizer"], f"{path}.tokenizer", str, "a directory path")
+    else:
+        tokenizer = Path(ckpt.path) if ckpt.path else None
+    if tokenizer is None or not (tokenizer / "vocab.txt").is_file():
+        c.fail(f"{path}.tokenizer", f"{tokenizer or 'the checkpoint'} has no vocab.txt to tokenize {texts.name} with",
+               "set calibration.tokenizer to a folder with BERT's vocab.txt (a transformers checkpoint folder has one)")
+    for target in targets:
+        if "INT8" not in target.settings.get("precisions", ()):
+            continue
+        for graph in target.graphs:
+            missing = [g for g in producers(graph) if g not in graphs]
+            if missing:
+                c.fail(f"{path}.images", f"{graph} is calibrated on what {', '.join(missing)} computes from the images, "
+                       "which this model does not export", f"add {', '.join(missing)} to the model's graphs")
+    return {"images": str(images.resolve()), "texts": str(texts.resolve()), "tokenizer": str(tokenizer.resolve())}
+
+
 
 
 def _checkpoint(c: _Checker, raw, path: str, base_dir: Path) -> tuple[Checkpoint, str | None]:

@@ -40,15 +40,31 @@ def calibration_files(data_dir: str | None) -> tuple[str, ...]:
     return tuple(sorted(str(p) for p in Path(data_dir).glob("*.npz"))) if data_dir else ()
 
 
-def calibration_samples(node, spec, dims: dict, batch: int):
-    """The calibration inputs, one dict per sample: the user's files (node.sources) when
+def calibration_inputs(model, exported, graph: str, batch: int) -> tuple[dict, tuple, tuple]:
+    """(params, sources, deps) of a node that calibrates `graph` at `batch`: on samples made from
+    the model's images and texts, its .npz files, or synthetic samples (calibration_samples)."""
+    real = exported.calibration(graph, batch)
+    params = {"samples": model.calibration["samples"], "real_data": bool(real), "user_data": bool(model.calibration["data"])}
+    return params, calibration_files(model.calibration["data"]), (real,) if real else ()
+
+
+def calibration_samples(node, ctx, spec, dims: dict, batch: int):
+    """The calibration inputs, one dict per sample: made from the model's images and texts (the
+    dependency with role "calibration_set"), else the user's .npz files (node.sources) when
     calibration.data is set, else synthetic samples (enough to prove the INT8 path, not for
     accuracy). Every backend calibrates on the same ones."""
     import numpy as np
 
     from export.samples import make_inputs
 
-    if node.sources:
+    if node.params.get("real_data"):
+        with np.load(ctx.input("calibration_set")) as z:
+            samples: dict[str, dict] = {}
+            for key in z.files:
+                index, name = key.split("/", 1)
+                samples.setdefault(index, {})[name] = z[key]
+        yield from (samples[k] for k in sorted(samples, key=int))
+    elif node.sources:
         for src in node.sources:
             with np.load(src) as z:
                 yield {k: z[k] for k in z.files}

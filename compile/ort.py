@@ -13,7 +13,7 @@ from pathlib import Path
 
 from buildplan.core import GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, installed_versions, memoised, short_sha
-from compile.acceptance import (ACCEPT, DECODER_GATES, accept, accept_tokens, calibration_files, calibration_samples,
+from compile.acceptance import (ACCEPT, DECODER_GATES, accept, accept_tokens, calibration_inputs, calibration_samples,
                                 gate_inputs, onnx_runs, token_gate)
 from export.specs import GRAPHS
 
@@ -73,13 +73,15 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                 gate = token_gate(GRAPHS[graph], precision, target.settings["decoder_gate"], dims)
                 gated = {"token_gate": gate} if gate else {}
                 labels = {"graph": graph, "batch": bs, "target": target.name, "precision": precision}
-                calibration = {"samples": model.calibration["samples"], "dims": dims} if int8 else {}
-                sources = calibration_files(model.calibration["data"]) if int8 else ()
-                deps = (simplified,)
+                calibration, sources, deps = {}, (), (simplified,)
+                if int8:
+                    calibration, sources, cal_deps = calibration_inputs(model, exported, graph, bs)
+                    calibration["dims"] = dims
+                    deps += cal_deps
                 if int8 and mixed:  # the search's answer is an artifact: searched again only when stale
                     deps += (plan.add(Node(
                         id=f"float_layers:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="float_layers",
-                        model=model.name, action="compile.ort:run_float_search", toolchain=NAME, deps=(simplified,),
+                        model=model.name, action="compile.ort:run_float_search", toolchain=NAME, deps=deps,
                         outputs={"float_layers": ort_path(model.name, graph, precision, bs) + ".float_layers.json"},
                         sources=sources, labels=labels,
                         params={"graph": graph, "batch": bs, "precision": precision, **calibration, **gated,
@@ -185,9 +187,12 @@ def run(node: Node, ctx) -> dict:
         float_layers = json.loads(ctx.input("float_layers").read_text())["float_layers"] \
             if p.get("mixed_precision") == "auto" else []
         model_file = work / "quantized.onnx"
-        samples = list(calibration_samples(node, spec, p.get("dims"), p["batch"]))
+        samples = list(calibration_samples(node, ctx, spec, p.get("dims"), p["batch"]))
         quantize(onnx_file, model_file, samples, per_channel=spec.opset >= 13, float_layers=float_layers)
-        result["calibration"] = {"samples": len(samples), "synthetic": not node.sources}
+        result["calibration"] = {"samples": len(samples), "synthetic": not (node.sources or p["real_data"]),
+                                 "from_images": p["real_data"]}
+        ctx.log(f"quantized on {len(samples)} calibration samples "
+                f"({'made from images' if p['real_data'] else 'from .npz files' if node.sources else 'synthetic'})")
         result["float_layers"] = float_layers
     # The artifact itself, loaded from its ORT file, on the reference inputs.
     out = ctx.tmp("ort")
@@ -220,7 +225,7 @@ def run_float_search(node: Node, ctx) -> dict:
     spec = GRAPHS[p["graph"]]
     onnx_file = ctx.input("onnx")
     inputs, reference = read_io(ctx.input("reference"))
-    samples = list(calibration_samples(node, spec, p.get("dims"), p["batch"]))
+    samples = list(calibration_samples(node, ctx, spec, p.get("dims"), p["batch"]))
     work = ctx.workdir()
     count = [0]
 

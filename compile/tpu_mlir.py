@@ -15,7 +15,7 @@ from pathlib import Path
 
 from buildplan.core import GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, memoised, short_sha
-from compile.acceptance import (DECODER_GATES, accept, accept_tokens, calibration_files, calibration_samples,
+from compile.acceptance import (DECODER_GATES, accept, accept_tokens, calibration_inputs, calibration_samples,
                                 gate_inputs, onnx_runs, token_gate)
 from export.decoding import loop_settings
 from export.specs import GRAPHS
@@ -133,14 +133,12 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                 labels=labels))
             calibration = None
             if "INT8" in settings["precisions"]:
-                cal = model.calibration
+                cal_params, cal_sources, cal_deps = calibration_inputs(model, exported, graph, bs)
                 calibration = plan.add(Node(
                     id=f"calibrate:{model.name}.{graph}.{bs}b", stage="calibrate", model=model.name,
                     outputs={"cali_table": f"{_dir(model.name, graph, bs)}/{graph}_cali_table"},
-                    action="compile.tpu_mlir:run_calibrate", toolchain=NAME, deps=(transform.id,),
-                    sources=calibration_files(cal["data"]),
-                    params={"graph": graph, "batch": bs, "samples": cal["samples"], "user_data": bool(cal["data"]),
-                            "dims": dims},
+                    action="compile.tpu_mlir:run_calibrate", toolchain=NAME, deps=(transform.id, *cal_deps),
+                    sources=cal_sources, params={"graph": graph, "batch": bs, **cal_params, "dims": dims},
                     labels=labels))
             for precision in settings["precisions"]:
                 bmodel = bmodel_path(model.name, graph, target.name, precision, bs)
@@ -266,13 +264,14 @@ def run_calibrate(node: Node, ctx) -> dict:
     data = work / "data"
     data.mkdir()
     count = 0
-    for count, sample in enumerate(calibration_samples(node, GRAPHS[p["graph"]], p["dims"], p["batch"]), 1):
+    for count, sample in enumerate(calibration_samples(node, ctx, GRAPHS[p["graph"]], p["dims"], p["batch"]), 1):
         np.savez(data / f"sample_{count:04d}.npz", **sample)
     _link_weights(ctx, work)
     ctx.run(["run_calibration.py", str(ctx.input("mlir")), "--dataset", str(data), "--input_num", str(count),
              "-o", "cali_table"], cwd=work, what="run_calibration.py")
     shutil.move(work / "cali_table", ctx.tmp("cali_table"))
-    return {"calibration": {"samples": count, "synthetic": not p["user_data"]}}
+    return {"calibration": {"samples": count, "synthetic": not (p["user_data"] or p["real_data"]),
+                            "from_images": p["real_data"]}}
 
 
 def _link_weights(ctx, work) -> None:

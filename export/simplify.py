@@ -29,10 +29,17 @@ def paths(model: str, graph: str, batch: int) -> dict[str, str]:
 class Exported:
     """What the backends compile from. `raw(graph)` is the batch-dynamic graph (a node id and the
     role of its file there); `fixed(graph, batch)` declares, once, the simplified graph at that
-    batch size with its reference inputs and outputs (roles "onnx" and "reference")."""
+    batch size with its reference inputs and outputs (roles "onnx" and "reference");
+    `calibration(graph, batch)` its calibration samples from real data, if the model has any."""
 
     def __init__(self, plan, model, dims: dict, onnx_id: str):
         self.plan, self.model, self.dims, self.onnx_id = plan, model, dims, onnx_id
+        self.calibration_source = None  # set by the calibration_set stage when the model has real data
+
+    def calibration(self, graph: str, batch: int) -> str | None:
+        """The node of `graph`'s calibration samples made from real data (role "calibration_set"),
+        or None: calibrate on the .npz samples or synthetic ones."""
+        return self.calibration_source(graph, batch) if self.calibration_source else None
 
     def raw(self, graph: str) -> tuple[str, str]:
         return self.onnx_id, raw_role(graph)

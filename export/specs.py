@@ -182,3 +182,24 @@ GRAPHS: dict[str, GraphSpec] = {
 
 def graphs_for_task(task: str) -> list[str]:
     return [name for name, g in GRAPHS.items() if g.task == task]
+
+
+RAW_SAMPLES = ("image", "text_ids", "text_mask", "decoder_ids")  # inputs made from data, not by a graph
+
+
+def producer_of(tensor: str, task: str) -> str:
+    """The graph of `task` whose output `tensor` another graph takes as a feature input."""
+    found = [g.name for g in GRAPHS.values() if g.task == task and any(o.name == tensor for o in g.outputs)]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} graphs of task {task} output {tensor}: {found}")
+    return found[0]
+
+
+def producers(graph: str) -> list[str]:
+    """The graphs that compute `graph`'s feature inputs from data, recursively, producers first."""
+    spec, found = GRAPHS[graph], []
+    for t in spec.inputs:
+        if t.sample not in RAW_SAMPLES:
+            source = producer_of(t.name, spec.task)
+            found += [name for name in [*producers(source), source] if name not in found]
+    return found

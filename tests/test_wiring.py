@@ -29,7 +29,7 @@ PACKAGES = ("buildplan", "export", "compile")
 CORE_API = {"buildplan", "buildplan.core", "buildplan.env", "buildplan.files", "buildplan.toolchains"}
 # What the engine may import of export/ and compile/: the model declarations (pure data) and, in
 # the registry alone, the packages that list the stages and backends.
-DECLARATIONS = {"export.presets", "export.specs"}
+DECLARATIONS = {"export.presets", "export.specs", "export.datasets"}
 REGISTRY = ("buildplan.backends", {"export", "compile"})
 
 
