@@ -48,7 +48,11 @@ def key_figure(data: dict | None) -> str:
         words.append(f"pulled from the cache ({rec.from_cache.get('bytes', 0) / 2**20:.1f} MiB)")
     figure = rec.result.acceptance_figure()
     if figure:
-        words.append(f"match {figure['match']:.0%}" if "match" in figure else f"cosine {figure['cosine']:.6f}")
+        if "identical_sequences" in figure:  # a decoder's token agreement (compile/acceptance.py)
+            words.append(f"tokens: {figure['identical_sequences']:.0%} of sequences identical" + (
+                f", {figure['next_token_agreement']:.1%} of next tokens" if "next_token_agreement" in figure else ""))
+        else:
+            words.append(f"match {figure['match']:.0%}" if "match" in figure else f"cosine {figure['cosine']:.6f}")
     if rec.result.summary:
         words.append(rec.result.summary)
     if rec.is_standin:

@@ -53,7 +53,7 @@ def _status(store: Store, node, started: str, skipped: dict[str, str]) -> dict:
 def _accuracy(figures, named: str | None = None) -> dict:
     """The artifact's own acceptance against its reference: worst cosine and relative error."""
     f = acceptance_figure(figures, named)
-    return {"one_minus_cosine": max(0.0, 1.0 - f["cosine"]), "rel_max_abs": f.get("rel_max_abs")} if f else {}
+    return {"one_minus_cosine": max(0.0, 1.0 - f["cosine"]), "rel_max_abs": f.get("rel_max_abs")} if f and "cosine" in f else {}
 
 
 def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: str | None,

@@ -210,6 +210,7 @@ def run(node: Node, ctx) -> dict:
     if result.get("float_layers"):
         result["summary"] = f"mixed: {len(result['float_layers'])} nodes in float"
     return {**result, "figures": figures, "ort_bytes": out.stat().st_size,
+            **({"acceptance": "tokens_vs_onnx"} if "tokens_vs_onnx" in figures else {}),
             "onnx_bytes": onnx_file.stat().st_size}
 
 

@@ -190,3 +190,23 @@ def test_a_layer_that_overflows_in_f16_is_named_by_comparing_every_tensor(tmp_pa
     line = next(x for x in proc.stdout.splitlines() if x.startswith("F  bmodel:c.blip_cap_venc.bm1684x.F16.1b"))
     assert f"first layer off in F16: {first['node']} ({first['op']})" in line and "the error starts there" in line
     assert "last build failed:" in doit(cfg, "stale", check=False).stdout
+
+
+@pytest.mark.tpu_mlir
+def test_step_decoders_below_f32_are_held_to_token_agreement_over_many_inputs(tmp_path):
+    """F16 keeps every decision of the tiny caption decoder within the agreement rule; BF16 flips
+    near ties (every tensor still within its rule) and misses it, saying so."""
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", [{
+        "name": "c", "task": "captioning", "checkpoint": {"synthetic": "tiny", "seed": 1}, "graphs": ["blip_cap_step"],
+        "targets": {"bm1684x": {"precisions": ["F16", "BF16"]}}}], root)
+    proc = doit(cfg, "--continue", check=False, timeout=1200)
+    rec = json.loads((root / ".state/bmodel__c.blip_cap_step.bm1684x.F16.1b.json").read_text())
+    tokens = rec["figures"]["tokens_vs_onnx"]
+    assert rec["acceptance"] == "tokens_vs_onnx" and tokens["samples"] == 10 and tokens["sequences"] == 4
+    assert tokens["identical_sequences"] >= 0.9 and tokens["next_token_agreement"] >= 0.9
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(".  bmodel:c.blip_cap_step.bm1684x.F16.1b"))
+    assert "of sequences identical" in line
+    failed = next(x for x in proc.stdout.splitlines() if x.startswith("F  bmodel:c.blip_cap_step.bm1684x.BF16.1b"))
+    assert "token agreement with the ONNX reference over 10 inputs: identical sequences" in failed
+    assert "the tokens that differ are near ties" in failed
