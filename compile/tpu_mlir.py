@@ -45,6 +45,9 @@ SETTINGS = (
             allowed=("off", "auto")),
     Setting("max_float_layers", "int", "mixed_precision auto: at most this many ops kept in F32",
             default=16, minimum=1, maximum=100000, unit="ops"),
+    Setting("combine_batch_sizes", "bool", "also one bmodel per graph and precision holding every declared batch "
+            "size, the weights stored once (model_tool --combine_coeff); each batch size validated from that file",
+            default=False),
     Setting("decoder_gate", "str", "decoders below F32: `agreement` holds the token ids to the share of identical "
             "decisions over many inputs (README: token gates); `exact`: every token equal, as in F32",
             default="agreement", allowed=DECODER_GATES),
@@ -56,10 +59,12 @@ TOOLCHAIN_SETTINGS = (
 ROOT_ENV = "BLIPC_TPU_MLIR"  # a TPU-MLIR of the user's own
 ENVIRONMENT = (ROOT_ENV, "BLIPC_TOOLCHAIN_DIR")  # read by detect(); the no-op snapshot watches them
 STAGE_DOCS = {"transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table",
-              "bmodel": "SOPHGO bmodel", "float_ops": "TPU-MLIR ops a bmodel keeps in F32 (a quantize table)"}
+              "bmodel": "SOPHGO bmodel", "float_ops": "TPU-MLIR ops a bmodel keeps in F32 (a quantize table)",
+              "combine": "SOPHGO bmodel holding every batch size of a graph"}
 # Peak RSS of the largest tool process, measured (README: base transforms 6-10 GB, bmodels ~4 GB), rounded up.
 MEMORY_MB = {"transform": {"tiny": 1600, "base": 11000}, "calibrate": {"tiny": 1200, "base": 11000},
-             "bmodel": {"tiny": 700, "base": 5000}, "float_ops": {"tiny": 700, "base": 5000}}
+             "bmodel": {"tiny": 700, "base": 5000}, "float_ops": {"tiny": 700, "base": 5000},
+             "combine": {"tiny": 700, "base": 5000}}
 HOWTO = (f"run ./bootstrap.sh (installs TPU-MLIR {VERSION} into ~/.cache/blipc or BLIPC_TOOLCHAIN_DIR), or point BLIPC_TPU_MLIR "
          "(or toolchains.tpu_mlir.root in models.yaml) at an environment whose bin/ has model_deploy.py")
 # cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.
@@ -121,6 +126,7 @@ def declare(plan, model, dims: dict, target, exported) -> None:
     settings = target.settings
     for graph in target.graphs:
         spec = GRAPHS[graph]
+        stages: dict[str, list] = {p: [] for p in settings["precisions"]}  # precision -> per-batch bmodel nodes
         for bs in target.batch_sizes:
             simplified = exported.fixed(graph, bs)
             labels = {"graph": graph, "batch": bs}
@@ -154,7 +160,7 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                         model=model.name, outputs={"float_ops": bmodel + ".float_ops.json"},
                         action="compile.tpu_mlir:run_float_search", toolchain=NAME, deps=deps, labels=cell,
                         params={**compiled, "max_float_layers": settings["max_float_layers"]})).id,)
-                plan.add(Node(
+                stages[precision].append(plan.add(Node(
                     id=f"bmodel:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="bmodel",
                     model=model.name, outputs={"bmodel": bmodel}, action="compile.tpu_mlir:run_deploy", toolchain=NAME,
                     deps=deps,
@@ -163,7 +169,35 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                             **({"loop": loop_settings(spec, dims)} if spec.decoding else {}),
                             **({"token_gate": gate} if gate else {})},
                     labels=cell),
-                    f"compile:{target.name}")
+                    f"compile:{target.name}"))
+        if settings["combine_batch_sizes"] and len(target.batch_sizes) > 1:
+            for precision, parts in stages.items():
+                _declare_combined(plan, model, graph, target, precision, parts)
+
+
+def combined_path(model: str, graph: str, chip: str, precision: str, batches) -> str:
+    return f"{model}/{chip.upper()}/{graph}_{chip}_{precision.lower()}_{'-'.join(map(str, batches))}b.bmodel"
+
+
+def _declare_combined(plan, model, graph: str, target, precision: str, parts: list) -> None:
+    """One bmodel with every batch size's stage of `graph` at `precision`, largest first (the
+    runtime sizes a net's input buffers by its first stage), validated batch by batch."""
+    parts = sorted(parts, key=lambda n: -n.params["batch"])
+    files = []
+    for part in parts:
+        transform, simplified = part.deps[0], part.deps[1]
+        files.append({"batch": part.params["batch"], "bmodel": part.outputs["bmodel"],
+                      "test_input": plan.nodes[transform].outputs["test_input"],
+                      "reference": plan.nodes[simplified].outputs["reference"], "onnx": plan.nodes[simplified].outputs["onnx"]})
+    first = parts[0].params
+    plan.add(Node(
+        id=f"combine:{model.name}.{graph}.{target.name}.{precision}", stage="combine", model=model.name,
+        outputs={"bmodel": combined_path(model.name, graph, target.name, precision, [f["batch"] for f in files])},
+        action="compile.tpu_mlir:run_combine", toolchain=NAME,
+        deps=tuple(dict.fromkeys(d for part in parts for d in (part.id, *part.deps[:2]))),
+        params={**{k: v for k, v in first.items() if k not in ("batch", "mixed_precision", "tolerance")}, "parts": files},
+        labels={"graph": graph, "batch": [f["batch"] for f in files], "target": target.name, "precision": precision}),
+        f"compile:{target.name}")
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -470,6 +504,35 @@ def run_deploy(node: Node, ctx) -> dict:
             **({"float_ops": float_ops, "summary": f"mixed: {len(float_ops)} ops in F32"} if float_ops else {})}
 
 
+def run_combine(node: Node, ctx) -> dict:
+    """model_tool --combine_coeff of a graph's per-batch bmodels (largest batch first), then every
+    batch size run from the combined file on the cmodel and accepted as its single file was."""
+    p = node.params
+    work = ctx.workdir()
+    name = Path(node.outputs["bmodel"]).name
+    ctx.run(["model_tool", "--combine_coeff", *(str(ctx.path(f["bmodel"])) for f in p["parts"]), "-o", name], cwd=work,
+            what="model_tool --combine_coeff")
+    device = device_memory(ctx.run(["model_tool", "--info", name], cwd=work, what="model_tool --info"))
+    if device["device_bytes"] > p["device_memory_mb"] * 2**20:
+        raise StageError(f"{name} needs {device['device_bytes'] / 2**20:.0f} MiB of device memory, more than "
+                         f"{p['chip']}'s budget of {p['device_memory_mb']} MiB")
+    singles = {f["batch"]: ctx.path(f["bmodel"]).stat().st_size for f in p["parts"]}
+    sizes = {"combined_bytes": (work / name).stat().st_size, "separate_bytes": sum(singles.values()),
+             "largest_single_bytes": max(singles.values())}
+    figures = {}
+    if p["simulate"]:
+        for f in p["parts"]:
+            try:
+                accepted = _accepted(ctx, {**p, "batch": f["batch"]}, work / name, ctx.workdir(f"bs{f['batch']}"), f)
+            except GateError as e:
+                raise GateError(f"batch size {f['batch']} from the combined file: {e}") from None
+            figures.update({f"bs{f['batch']}_{k}": v for k, v in accepted.items()})
+    shutil.move(work / name, ctx.tmp("bmodel"))
+    return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device, "sizes": sizes,
+            "summary": f"{len(p['parts'])} batch sizes, {sizes['combined_bytes'] / sizes['largest_single_bytes']:.2f}x "
+                       "the largest single file"}
+
+
 def device_memory(info: str) -> dict:
     """What `model_tool --info` says a bmodel needs on the device, in bytes."""
     found = {}
@@ -483,22 +546,24 @@ def device_memory(info: str) -> dict:
     return found
 
 
-def _accepted(ctx, p: dict, bmodel: Path, work: Path) -> dict:
+def _accepted(ctx, p: dict, bmodel: Path, work: Path, given=None) -> dict:
     """The finished bmodel on the chip's cmodel, accepted against the ONNX reference: its figures,
-    or a GateError."""
+    or a GateError. `given` ({role: path}) names the test input, reference and ONNX files when
+    they are not the node's inputs of those roles (a combined bmodel: one set per batch size)."""
     spec = GRAPHS[p["graph"]]
+    file_of = (lambda role: ctx.path(given[role])) if given else ctx.input
     if spec.discrete_outputs:
-        return _decoder_gate(ctx, p, spec, bmodel, work)
+        return _decoder_gate(ctx, p, spec, bmodel, work, file_of)
     import numpy as np
 
     from export.gates import worst
     from export.reference import read_io
 
-    ctx.run(["model_runner.py", "--input", str(ctx.input("test_input")), "--model", bmodel.name, "--output",
+    ctx.run(["model_runner.py", "--input", str(file_of("test_input")), "--model", str(bmodel), "--output",
              "bmodel_outputs.npz"], cwd=work, what="model_runner.py (cmodel run of the bmodel)")
     with np.load(work / "bmodel_outputs.npz") as z:
         produced = [z[k] for k in z.files]  # the network outputs, in order
-    _, reference = read_io(ctx.input("reference"))
+    _, reference = read_io(file_of("reference"))
     return {"bmodel_vs_onnx": worst(accept(spec, reference, produced, p["precision"]))}
 
 
@@ -522,24 +587,24 @@ def _localized(ctx, p: dict, failure: StageError, float_ops=()) -> StageError:
     return GateError("\n".join([f"{lines[0]}; {said}", *lines[1:]]), finding=found)
 
 
-def _decoder_gate(ctx, p: dict, spec, bmodel: Path, work: Path) -> dict:
+def _decoder_gate(ctx, p: dict, spec, bmodel: Path, work: Path, file_of) -> dict:
     """A decoder's bmodel on the cmodel against the ONNX graph: under the exact rule, on the
     reference file's sample (every token equal, the step decoder's whole greedy loop too); under
     the agreement rule (below F32), over the gate's inputs (compile/acceptance.py)."""
     from export.gates import compare, worst
     from export.reference import read_io, read_loop
 
-    io_file = ctx.input("reference")
+    io_file = file_of("reference")
     inputs, reference = read_io(io_file)
     gate, loop = p.get("token_gate"), p.get("loop")
     if gate:
         samples, loops = gate_inputs(spec, gate, p["batch"], inputs), gate["loops"]
         got = _cmodel_runs(ctx, spec, bmodel, samples, None, 0, work)
         if loop:  # the single calls decide first: when they miss the rule, the loops' cmodel time is saved
-            accept_tokens(spec, onnx_runs(ctx.input("onnx"), spec, samples, None, 0), got, p["precision"],
+            accept_tokens(spec, onnx_runs(file_of("onnx"), spec, samples, None, 0), got, p["precision"],
                           gate["min_share"])
             got[:loops] = _cmodel_runs(ctx, spec, bmodel, samples[:loops], loop, loops, work)
-        want = onnx_runs(ctx.input("onnx"), spec, samples, loop, loops)
+        want = onnx_runs(file_of("onnx"), spec, samples, loop, loops)
         return {"tokens_vs_onnx": accept_tokens(spec, want, got, p["precision"], gate["min_share"])}
     got = _cmodel_runs(ctx, spec, bmodel, [inputs], loop, 1, work)
     figures = {"bmodel_vs_onnx": worst(accept(spec, reference, [got[0][t.name] for t in spec.outputs], p["precision"]))}
