@@ -7,6 +7,11 @@ over many samples would pay hundreds of times). Runs in the toolchain's Python:
 SAMPLES holds `<i>/<input name>` per sample i. OUT gets `<i>/<k>`, the bmodel's k-th output on
 sample i, and, when SETTINGS_JSON (export.decoding.loop_settings) is not `null`, `<i>/loop` for
 the first LOOPS samples: the token ids of the step decoder's whole greedy loop from that sample.
+
+    python cmodel_runs.py --task BUNDLE.bmodel RAW.npz CHAIN_JSON SETTINGS_JSON OUT.npz
+
+runs a whole task from a file holding its nets (export.decoding.task_loop): RAW holds
+`<i>/<kind>` (image, text_ids, text_mask) per sample i; OUT gets `<i>/loop`.
 """
 import json
 import os
@@ -23,15 +28,16 @@ if "TPUC_ROOT" not in os.environ:
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(_HERE))
-from export.decoding import greedy_loop  # noqa: E402
+from export.decoding import greedy_loop, task_loop  # noqa: E402
 from tools import model_runner  # noqa: E402
 
 
 class LoadedBmodel:
-    """The bmodel's first net on the cmodel, called like model_inference: inputs by name in, the
-    outputs (float, dequantized as model_inference does) in the net's order out."""
+    """One net of the bmodel (its first, or `net` by name) on the cmodel, called like
+    model_inference: inputs by name in, the outputs (float, dequantized as model_inference does)
+    in the net's order out."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, net: str | None = None):
         import importlib
 
         from filelock import FileLock
@@ -45,7 +51,7 @@ class LoadedBmodel:
             runtime = importlib.import_module("pyruntime_bm")
             model_runner.bind_cmodel_so(chip, rvti)
         self.model = runtime.Model(path, 0, "")
-        self.net = self.model.Net(self.model.networks[0])
+        self.net = self.model.Net(net or self.model.networks[0])
 
     def __call__(self, feeds: dict) -> list:
         shapes = []
@@ -91,5 +97,26 @@ def main(bmodel: str, samples: str, settings: str, loops: str, out: str) -> None
     print(f"cmodel: {len(feeds)} samples, {calls} bmodel calls")
 
 
+def main_task(bundle: str, raw: str, chain: str, settings: str, out: str) -> None:
+    chain_ = json.loads(chain)
+    nets = {g["name"]: LoadedBmodel(bundle, g["name"]) for g in chain_}
+    names = {g["name"]: g["outputs"] for g in chain_}
+    samples: dict[str, dict] = {}
+    with np.load(raw) as z:
+        for key in z.files:
+            index, kind = key.split("/", 1)
+            samples.setdefault(index, {})[kind] = z[key]
+
+    def call(graph, feeds):
+        return dict(zip(names[graph], nets[graph](feeds), strict=True))
+
+    ids = {f"{i}/loop": task_loop(call, sample, chain_, json.loads(settings)) for i, sample in samples.items()}
+    np.savez(out, **ids)
+    print(f"cmodel task: {len(ids)} samples through {', '.join(nets)}")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "--task":
+        main_task(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

@@ -18,7 +18,7 @@ from buildplan.toolchains import Toolchain, memoised, short_sha
 from compile.acceptance import (DECODER_GATES, accept, accept_tokens, calibration_inputs, calibration_samples,
                                 gate_inputs, onnx_runs, token_gate)
 from export.decoding import loop_settings
-from export.specs import GRAPHS
+from export.specs import GRAPHS, TASK_BUNDLES, task_chain
 
 NAME = "tpu_mlir"
 LABEL = "TPU-MLIR"
@@ -48,6 +48,9 @@ SETTINGS = (
     Setting("combine_batch_sizes", "bool", "also one bmodel per graph and precision holding every declared batch "
             "size, the weights stored once (model_tool --combine_coeff); each batch size validated from that file",
             default=False),
+    Setting("task_bundle", "bool", "also one bmodel per precision and batch size holding every net the model's task "
+            "runs (captioning: blip_cap_venc, blip_cap_step; VQA: blip_vqa_venc, blip_vqa_tenc, blip_vqa_tdec_step), "
+            "validated by running the task's greedy loop from that file", default=False),
     Setting("decoder_gate", "str", "decoders below F32: `agreement` holds the token ids to the share of identical "
             "decisions over many inputs (README: token gates); `exact`: every token equal, as in F32",
             default="agreement", allowed=DECODER_GATES),
@@ -60,11 +63,12 @@ ROOT_ENV = "BLIPC_TPU_MLIR"  # a TPU-MLIR of the user's own
 ENVIRONMENT = (ROOT_ENV, "BLIPC_TOOLCHAIN_DIR")  # read by detect(); the no-op snapshot watches them
 STAGE_DOCS = {"transform": "TPU-MLIR top MLIR", "calibrate": "TPU-MLIR INT8 calibration table",
               "bmodel": "SOPHGO bmodel", "float_ops": "TPU-MLIR ops a bmodel keeps in F32 (a quantize table)",
-              "combine": "SOPHGO bmodel holding every batch size of a graph"}
+              "combine": "SOPHGO bmodel holding every batch size of a graph",
+              "bundle": "SOPHGO bmodel holding every net of a task"}
 # Peak RSS of the largest tool process, measured (README: base transforms 6-10 GB, bmodels ~4 GB), rounded up.
 MEMORY_MB = {"transform": {"tiny": 1600, "base": 11000}, "calibrate": {"tiny": 1200, "base": 11000},
              "bmodel": {"tiny": 700, "base": 5000}, "float_ops": {"tiny": 700, "base": 5000},
-             "combine": {"tiny": 700, "base": 5000}}
+             "combine": {"tiny": 700, "base": 5000}, "bundle": {"tiny": 900, "base": 6000}}
 HOWTO = (f"run ./bootstrap.sh (installs TPU-MLIR {VERSION} into ~/.cache/blipc or BLIPC_TOOLCHAIN_DIR), or point BLIPC_TPU_MLIR "
          "(or toolchains.tpu_mlir.root in models.yaml) at an environment whose bin/ has model_deploy.py")
 # cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.
@@ -124,6 +128,7 @@ def bmodel_path(model: str, graph: str, chip: str, precision: str, batch: int) -
 
 def declare(plan, model, dims: dict, target, exported) -> None:
     settings = target.settings
+    cells: dict[tuple, object] = {}  # (graph, precision, batch) -> bmodel node
     for graph in target.graphs:
         spec = GRAPHS[graph]
         stages: dict[str, list] = {p: [] for p in settings["precisions"]}  # precision -> per-batch bmodel nodes
@@ -160,7 +165,7 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                         model=model.name, outputs={"float_ops": bmodel + ".float_ops.json"},
                         action="compile.tpu_mlir:run_float_search", toolchain=NAME, deps=deps, labels=cell,
                         params={**compiled, "max_float_layers": settings["max_float_layers"]})).id,)
-                stages[precision].append(plan.add(Node(
+                stages[precision].append(cells.setdefault((graph, precision, bs), plan.add(Node(
                     id=f"bmodel:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="bmodel",
                     model=model.name, outputs={"bmodel": bmodel}, action="compile.tpu_mlir:run_deploy", toolchain=NAME,
                     deps=deps,
@@ -169,10 +174,50 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                             **({"loop": loop_settings(spec, dims)} if spec.decoding else {}),
                             **({"token_gate": gate} if gate else {})},
                     labels=cell),
-                    f"compile:{target.name}"))
+                    f"compile:{target.name}")))
         if settings["combine_batch_sizes"] and len(target.batch_sizes) > 1:
             for precision, parts in stages.items():
                 _declare_combined(plan, model, graph, target, precision, parts)
+
+
+    if settings["task_bundle"]:
+        _declare_bundles(plan, model, dims, target, cells)
+
+
+def _declare_bundles(plan, model, dims: dict, target, cells: dict) -> None:
+    """Per precision and batch size, one bmodel with every net of the model's task."""
+    from buildplan.core import ConfigError
+
+    nets = TASK_BUNDLES.get(model.task)
+    missing = [g for g in nets or () if g not in target.graphs]
+    if nets is None or missing:
+        raise ConfigError(plan.config.path, f"models[{model.name}].targets.{target.name}.task_bundle",
+                          f"a {model.task} bundle needs the nets {', '.join(nets or ())} on {target.name}"
+                          if nets else f"the {model.task} task runs one net: there is nothing to bundle",
+                          f"add {', '.join(missing)} to the target's graphs" if nets else "remove task_bundle")
+    for precision in target.settings["precisions"]:
+        for bs in target.batch_sizes:
+            parts = [cells[(g, precision, bs)] for g in nets]
+            files = {g: {"bmodel": n.outputs["bmodel"], **{role: plan.nodes[n.deps[1]].outputs[role]
+                                                            for role in ("onnx", "reference")}}
+                     for g, n in zip(nets, parts, strict=True)}
+            last = parts[-1].params
+            plan.add(Node(
+                id=f"bundle:{model.name}.{target.name}.{precision}.{bs}b", stage="bundle", model=model.name,
+                outputs={"bmodel": bundle_path(model.name, model.task, target.name, precision, bs)},
+                action="compile.tpu_mlir:run_bundle", toolchain=NAME,
+                deps=tuple(dict.fromkeys(d for n in parts for d in (n.id, n.deps[1]))),
+                params={"task": model.task, "chip": target.name, "precision": precision, "batch": bs, "files": files,
+                        "chain": task_chain(model.task), "loop": last["loop"], "simulate": last["simulate"],
+                        "device_memory_mb": last["device_memory_mb"], "dims": dims,
+                        "min_share": last["token_gate"]["min_share"] if "token_gate" in last else 1.0},
+                labels={"graph": model.task, "batch": bs, "target": target.name, "precision": precision}),
+                f"compile:{target.name}")
+
+
+def bundle_path(model: str, task: str, chip: str, precision: str, batch: int) -> str:
+    # sophon-demo's pattern with the task in the graph's place: blip_vqa_bm1684x_f16_1b.bmodel
+    return f"{model}/{chip.upper()}/blip_{task}_{chip}_{precision.lower()}_{batch}b.bmodel"
 
 
 def combined_path(model: str, graph: str, chip: str, precision: str, batches) -> str:
@@ -531,6 +576,74 @@ def run_combine(node: Node, ctx) -> dict:
     return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device, "sizes": sizes,
             "summary": f"{len(p['parts'])} batch sizes, {sizes['combined_bytes'] / sizes['largest_single_bytes']:.2f}x "
                        "the largest single file"}
+
+
+def run_bundle(node: Node, ctx) -> dict:
+    """model_tool --combine of the task's bmodels, then the task run from that one file on the
+    cmodel, graph after graph and the greedy loop, against the same chain on the ONNX graphs:
+    every token equal in F32 (and under decoder_gate: exact), else the share of identical
+    sequences of the agreement rule over GATE_LOOPS inputs."""
+    import json
+
+    import numpy as np
+
+    from compile.acceptance import GATE_LOOPS, GATE_SEED
+    from export.decoding import task_loop
+    from export.reference import read_io
+    from export.samples import make_inputs
+
+    p = node.params
+    work = ctx.workdir()
+    name = Path(node.outputs["bmodel"]).name
+    ctx.run(["model_tool", "--combine", *(str(ctx.path(f["bmodel"])) for f in p["files"].values()), "-o", name],
+            cwd=work, what="model_tool --combine")
+    device = device_memory(ctx.run(["model_tool", "--info", name], cwd=work, what="model_tool --info"))
+    if device["device_bytes"] > p["device_memory_mb"] * 2**20:
+        raise StageError(f"{name} needs {device['device_bytes'] / 2**20:.0f} MiB of device memory, more than "
+                         f"{p['chip']}'s budget of {p['device_memory_mb']} MiB")
+    separate = sum(ctx.path(f["bmodel"]).stat().st_size for f in p["files"].values())
+    result = {"sizes": {"bundle_bytes": (work / name).stat().st_size, "separate_bytes": separate},
+              "device_memory": device, "nets": list(p["files"]), "simulated": bool(p["simulate"])}
+    if p["simulate"]:
+        # The data a task starts from: pixels, and text where it takes any, from each graph's reference
+        # sample first, then seeded ones for the agreement rule.
+        count = 1 if p["min_share"] == 1.0 else GATE_LOOPS
+        samples = []
+        for i in range(count):
+            raw = {}
+            for graph, f in p["files"].items():
+                spec = GRAPHS[graph]
+                inputs = read_io(ctx.path(f["reference"]))[0] if i == 0 else \
+                    make_inputs(spec, p["dims"], p["batch"], seed=GATE_SEED + i)
+                raw.update({t.sample: inputs[t.name] for t in spec.inputs
+                            if t.sample in ("image", "text_ids", "text_mask") and t.sample not in raw})
+            samples.append(raw)
+        import onnxruntime as ort
+
+        sessions = {g: ort.InferenceSession(str(ctx.path(f["onnx"])), providers=["CPUExecutionProvider"])
+                    for g, f in p["files"].items()}
+        outputs = {g["name"]: g["outputs"] for g in p["chain"]}
+
+        def on_onnx(graph, feeds):
+            return dict(zip(outputs[graph], sessions[graph].run(outputs[graph], feeds), strict=True))
+
+        want = [task_loop(on_onnx, raw, p["chain"], p["loop"]) for raw in samples]
+        np.savez(work / "raw.npz", **{f"{i}/{k}": v for i, raw in enumerate(samples) for k, v in raw.items()})
+        ctx.run(["python", str(Path(__file__).with_name("cmodel_runs.py")), "--task", name, "raw.npz",
+                 json.dumps(p["chain"]), json.dumps(p["loop"]), "task_ids.npz"], cwd=work,
+                what=f"the {p['task']} task from {name} on the cmodel")
+        with np.load(work / "task_ids.npz") as z:
+            got = [z[f"{i}/loop"] for i in range(count)]
+        identical = sum(bool(np.array_equal(w, g)) for w, g in zip(want, got, strict=True)) / count
+        result["figures"] = {"task_vs_onnx": {"samples": count, "identical_sequences": identical,
+                                              "min_share": p["min_share"]}}
+        result["acceptance"] = "task_vs_onnx"
+        if identical < p["min_share"]:
+            raise GateError(f"the {p['task']} task from {name}: {identical:.0%} of {count} greedy sequences equal the "
+                            f"ONNX graphs' (min {p['min_share']:.0%}); first: {got[0].tolist()} vs {want[0].tolist()}")
+    shutil.move(work / name, ctx.tmp("bmodel"))
+    result["summary"] = f"{len(p['files'])} nets, {result['sizes']['bundle_bytes'] / separate:.2f}x the separate files"
+    return result
 
 
 def device_memory(info: str) -> dict:

@@ -38,3 +38,20 @@ def loop_settings(spec, dims: dict) -> dict:
     """What greedy_loop needs besides the step function, as plain data (JSON for subprocesses)."""
     d = dims[spec.decoding]
     return {"ids_name": spec.inputs[-1].name, "prompt_ids": list(d["prompt_ids"]), "length": d["max_length"]}
+
+
+def task_loop(call: Callable[[str, dict], dict], raw: dict, chain: list[dict], loop: dict) -> np.ndarray:
+    """A whole task as a runtime runs it: each graph of `chain` in order on the sample's data
+    (`raw`: by input kind, "image", "text_ids", "text_mask") and the features earlier graphs made,
+    the last one a step decoder looped greedily. `chain`: [{"name", "inputs": [[name, kind]],
+    "outputs": [names]}]; `call(graph, feeds)` returns that graph's outputs by name."""
+    features: dict = {}
+
+    def feeds_of(graph: dict) -> dict:
+        return {name: raw[kind] if kind in raw else features[name] for name, kind in graph["inputs"]
+                if kind != "decoder_ids"}
+
+    for graph in chain[:-1]:
+        features.update(call(graph["name"], feeds_of(graph)))
+    decoder = chain[-1]
+    return greedy_loop(lambda f: call(decoder["name"], f)[decoder["outputs"][0]], feeds_of(decoder), **loop)

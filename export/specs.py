@@ -203,3 +203,15 @@ def producers(graph: str) -> list[str]:
             source = producer_of(t.name, spec.task)
             found += [name for name in [*producers(source), source] if name not in found]
     return found
+
+
+# The nets a task's runtime needs, in the order it runs them (the last a step decoder): what one
+# file per task holds (compile/tpu_mlir.py, task_bundle).
+TASK_BUNDLES = {"captioning": ("blip_cap_venc", "blip_cap_step"),
+                "vqa": ("blip_vqa_venc", "blip_vqa_tenc", "blip_vqa_tdec_step")}
+
+
+def task_chain(task: str) -> list[dict]:
+    """TASK_BUNDLES[task] as plain data for export.decoding.task_loop."""
+    return [{"name": g, "inputs": [[t.name, t.sample] for t in GRAPHS[g].inputs],
+             "outputs": [t.name for t in GRAPHS[g].outputs]} for g in TASK_BUNDLES[task]]
