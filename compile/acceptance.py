@@ -79,8 +79,8 @@ def calibration_samples(node, ctx, spec, dims: dict, batch: int):
 # from the first flipped token on. Exact equality then measures the luck of near ties on one input,
 # not the artifact. Below F32 a decoder is held instead to the share of identical decisions over
 # GATE_SAMPLES inputs: whole greedy sequences (the loop of a step decoder, the rows of an unrolled
-# one) and, for a step decoder, each next token given the reference's own prefix (the step graph
-# called once on the sample's ids, every position checked). F32 keeps exact equality.
+# one) and, for a step decoder, each next token chosen after the same prefix (the step graph called
+# once on the sample's token ids, every position checked). F32 keeps exact equality.
 TOKEN_AGREEMENT = {"F16": 0.9, "BF16": 0.8, "INT8": 0.7}
 GATE_SAMPLES = 10  # the reference's own inputs and 9 more: one call each (a step decoder's next tokens)
 GATE_LOOPS = 4  # of which the first 4 also run the whole greedy loop (a call per token: the cmodel's cost)
@@ -130,7 +130,7 @@ def _first_difference(want, got) -> int | None:
 
 def accept_tokens(spec, reference_runs: list[dict], candidate_runs: list[dict], precision: str, min_share: float) -> dict:
     """The agreement rule: at least `min_share` of the sequences identical to the reference's, and
-    (step decoders) of the next tokens chosen after the reference's prefix. Raises a GateError
+    (step decoders) of the next tokens chosen after the same prefix. Raises a GateError
     with the figures when either share is lower."""
     import numpy as np
 
