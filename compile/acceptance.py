@@ -92,8 +92,10 @@ def token_gate(spec, precision: str, rule: str, dims: dict) -> dict | None:
     """The node parameters of a decoder's agreement gate, or None when the exact rule applies."""
     if not spec.discrete_outputs or precision == "F32" or rule == "exact":
         return None
-    return {"rule": "agreement", "min_share": TOKEN_AGREEMENT[precision], "samples": GATE_SAMPLES,
-            "loops": GATE_LOOPS if spec.decoding else 0, "dims": dims}
+    # An unrolled decoder's call is a whole sequence: as many inputs as a step decoder's loops.
+    return {"rule": "agreement", "min_share": TOKEN_AGREEMENT[precision],
+            "samples": GATE_SAMPLES if spec.decoding else GATE_LOOPS, "loops": GATE_LOOPS if spec.decoding else 0,
+            "dims": dims}
 
 
 def gate_inputs(spec, gate: dict, batch: int, first: dict) -> list[dict]:
