@@ -136,7 +136,7 @@ def test_cpu_target_builds_ort_format_artifacts_accepted_against_the_reference(c
         want = next(iter(reference.values()))
         assert got.shape == want.shape and np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95
     int8 = json.loads((root / ".state" / "ort__r.BLIP_image.cpu.INT8.1b.json").read_text())
-    assert int8["calibration"] == {"samples": 3, "synthetic": False}  # calibration.data, not synthetic samples
+    assert int8["calibration"] == {"samples": 3, "synthetic": False, "from_images": False}  # calibration.data
     assert sorted(int8["parts"]["sources"]) == sorted(str(p) for p in cpu_build["cal"].glob("*.npz"))
     assert int8["ort_bytes"] < (root / "r/CPU/BLIP_image_cpu_f32_1b.ort").stat().st_size
     assert "peak_rss_mb" in int8
