@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from buildplan.core import GateError, Node, Setting, StageError
+from buildplan.core import ConfigError, GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, memoised, short_sha
 from compile.acceptance import (DECODER_GATES, accept, accept_tokens, calibration_inputs, calibration_samples,
                                 gate_inputs, onnx_runs, token_gate)
@@ -186,8 +186,6 @@ def declare(plan, model, dims: dict, target, exported) -> None:
 
 def _declare_bundles(plan, model, dims: dict, target, cells: dict) -> None:
     """Per precision and batch size, one bmodel with every net of the model's task."""
-    from buildplan.core import ConfigError
-
     nets = TASK_BUNDLES.get(model.task)
     missing = [g for g in nets or () if g not in target.graphs]
     if nets is None or missing:
