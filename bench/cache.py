@@ -94,6 +94,32 @@ def big_file(url: str, env: dict, work: Path, size_mb: int) -> None:
     back.unlink()
 
 
+def start_seaweed(work: Path, bucket: str) -> tuple[subprocess.Popen, dict]:
+    """A SeaweedFS S3 server on 127.0.0.1 with one bucket: the process (stop it with
+    os.killpg(p.pid, 15)) and the environment a boto3 client needs to reach it."""
+    port = _free_port()
+    keys = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
+    (work / "seaweed").mkdir(exist_ok=True)
+    server = subprocess.Popen([str(BIN / "weed"), "mini", f"-dir={work / 'seaweed'}", "-ip=127.0.0.1",
+                               "-ip.bind=127.0.0.1", f"-s3.port={port}", "-master.telemetry=false", f"-bucket={bucket}",
+                               *(f"-{n}.port={_free_port()}" for n in ("master", "volume", "filer", "admin"))],
+                              env={**os.environ, **keys}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    env = {**keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    for _ in range(120):
+        try:
+            client.head_bucket(Bucket=bucket)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.5)
+    return server, env
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--s3", action="store_true", help="use a SeaweedFS S3 server on 127.0.0.1")
@@ -105,18 +131,8 @@ def main() -> None:
     raw = yaml.safe_load((REPO / "models.yaml").read_text())
     env, server = {}, None
     if args.s3:
-        port = _free_port()
-        keys = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
-        server = subprocess.Popen([str(BIN / "weed"), "mini", f"-dir={work / 'seaweed'}", "-ip=127.0.0.1",
-                                   "-ip.bind=127.0.0.1", f"-s3.port={port}", "-master.telemetry=false", "-bucket=bench",
-                                   *(f"-{n}.port={_free_port()}" for n in ("master", "volume", "filer", "admin"))],
-                                  env={**os.environ, **keys}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
-        (work / "seaweed").mkdir(exist_ok=True)
-        env = {**keys, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_EC2_METADATA_DISABLED": "true"}
+        server, env = start_seaweed(work, "bench")
         url = "s3://bench/blipc"
-        time.sleep(5)
     else:
         url = str(work / "cache")
     try:

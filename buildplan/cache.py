@@ -19,26 +19,20 @@ import contextlib
 import getpass
 import hashlib
 import json
-import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from buildplan.core import BuildError, ConfigError
+from buildplan import stores
+from buildplan.core import ConfigError
 from buildplan.files import utc_now
+from buildplan.stores import CHUNK, Transfer
 
 FORMAT = "blipc-cache-1"  # the salt: bumping it disowns every entry written before
 MODES = ("off", "read", "write")
-CHUNK = 1 << 22
-MULTIPART = 64 << 20  # S3 uploads above this go in parallel parts; memory stays at a few chunks
-
-
-class CacheUnavailable(BuildError):
-    """The cache cannot be used at all (unreachable, refused credentials, no such bucket)."""
-
+CacheUnavailable = stores.StoreUnavailable  # the cache cannot be used at all
 
 class CacheSettings(NamedTuple):
     url: str | None
@@ -75,14 +69,7 @@ def settings(configured: dict, config_file: str) -> CacheSettings:
 
 
 def check_url(url: str, field: str, file: str) -> None:
-    """Refuse a URL no store can serve, before any work starts."""
-    if url.startswith("s3://"):
-        bucket = url[len("s3://"):].split("/", 1)[0]
-        if not bucket:
-            raise ConfigError(file, field, f"{url!r} names no bucket", "write s3://<bucket>[/<prefix>]")
-    elif "://" in url:
-        raise ConfigError(file, field, f"unknown cache scheme {url.split('://', 1)[0]!r} in {url!r}",
-                          "use s3://<bucket>[/<prefix>] or a directory path (a shared or network filesystem)")
+    stores.check_url(url, field, file, "cache")
 
 
 # --- keys and entries -------------------------------------------------------------------------
@@ -123,214 +110,50 @@ def _user() -> str:
     return "unknown"
 
 
-# --- stores -------------------------------------------------------------------------------------
-class Transfer(NamedTuple):
-    bytes: int
-    seconds: float
+# --- the cache's layout in a store -------------------------------------------------------------
+class CacheStore:
+    """The cache's two folders in a store (buildplan/stores.py): `ac/<key>.json` entries and
+    `cas/<sha256>` files."""
 
-    def __str__(self):
-        return f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s ({self.bytes / 2**20 / max(self.seconds, 1e-6):.0f} MiB/s)"
-
-
-class DirStore:
-    """A directory, e.g. on a shared or network filesystem."""
-
-    def __init__(self, root: str):
-        self.root = Path(root).expanduser()
-        self.name = str(self.root)
+    def __init__(self, store):
+        self.store = store
+        self.name = store.name
 
     def check(self, writing: bool) -> None:
-        if writing:
-            try:
-                (self.root / "ac").mkdir(parents=True, exist_ok=True)
-                (self.root / "cas").mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise CacheUnavailable(f"cannot create {self.root}: {e.strerror}") from None
-            if not os.access(self.root / "cas", os.W_OK):
-                raise CacheUnavailable(f"{self.root} is not writable")
-        elif not (self.root / "ac").is_dir():
-            raise CacheUnavailable(f"{self.root} does not exist or is not a cache (no ac/ folder)")
+        self.store.check(writing, ("ac", "cas"))
 
     def get_entry(self, cache_key: str) -> bytes | None:
-        try:
-            return (self.root / "ac" / f"{cache_key}.json").read_bytes()
-        except FileNotFoundError:
-            return None
+        return self.store.get(f"ac/{cache_key}.json")
 
     def put_entry(self, cache_key: str, data: bytes) -> bool:
         """Create the entry if absent; False when another writer was first."""
-        final = self.root / "ac" / f"{cache_key}.json"
-        tmp = self._tmp(final, data)
-        try:
-            os.link(tmp, final)  # atomic, and fails if it exists: first writer wins
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        return self.store.put(f"ac/{cache_key}.json", data, create_only=True)
 
     def has_blob(self, sha: str, size: int) -> bool:
-        try:
-            return (self.root / "cas" / sha).stat().st_size == size
-        except FileNotFoundError:
-            return False
+        return self.store.size(f"cas/{sha}") == size
 
     def put_blob(self, sha: str, path: Path) -> Transfer:
-        start = time.monotonic()
-        final = self.root / "cas" / sha
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{sha[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                for chunk in iter(lambda: src.read(CHUNK), b""):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)  # same name, same content: a concurrent writer changes nothing
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return Transfer(path.stat().st_size, time.monotonic() - start)
+        return self.store.upload(f"cas/{sha}", path)  # same name, same content: a concurrent writer changes nothing
 
     def open_blob(self, sha: str):
-        try:
-            return open(self.root / "cas" / sha, "rb")
-        except FileNotFoundError:
-            return None
+        return self.store.open(f"cas/{sha}")
 
     def entries(self):
-        for p in sorted((self.root / "ac").glob("*.json")):
-            yield p.stem
-
-    def blobs(self):
-        for p in sorted((self.root / "cas").iterdir()):
-            if not p.name.startswith("."):
-                yield p.name, p.stat().st_size
-
-    def delete(self, kind: str, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.root / kind / (f"{name}.json" if kind == "ac" else name)).unlink()
-
-    def _tmp(self, final: Path, data: bytes) -> str:
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
-
-
-class S3Store:
-    """S3-compatible object storage through boto3 (AWS, MinIO, Ceph, SeaweedFS...). Credentials and
-    the endpoint come from boto3's standard chain (AWS_* variables, ~/.aws, instance roles;
-    AWS_ENDPOINT_URL for a non-AWS server), never from models.yaml."""
-
-    def __init__(self, url: str):
-        rest = url[len("s3://"):]
-        self.bucket, _, prefix = rest.partition("/")
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.name = url
-        import boto3
-        from botocore.config import Config
-
-        # short timeouts and few retries: an unreachable cache must cost seconds, not minutes
-        self.client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=60,
-                                                       retries={"max_attempts": 2, "mode": "standard"}))
-
-    def _key(self, kind: str, name: str) -> str:
-        return f"{self.prefix}{kind}/{name}" + (".json" if kind == "ac" else "")
-
-    def _call(self, fn, *args, **kwargs):
-        """fn(...), with what makes the whole cache unusable turned into CacheUnavailable."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        try:
-            return fn(*args, **kwargs)
-        except NoCredentialsError:
-            raise CacheUnavailable("no credentials (boto3 found none: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
-                                   "or a profile)") from None
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("NoSuchKey", "404", "NotFound") and code != "NoSuchBucket":
-                raise
-            if code in ("PreconditionFailed", "412"):
-                raise
-            if code == "NoSuchBucket":
-                raise CacheUnavailable(f"bucket {self.bucket!r} does not exist") from None
-            if status in (401, 403):
-                raise CacheUnavailable(f"credentials refused ({code or status})") from None
-            raise CacheUnavailable(f"{code or status}: {e}") from None
-        except BotoCoreError as e:
-            raise CacheUnavailable(str(e)) from None
-
-    def check(self, writing: bool) -> None:
-        self._call(self.client.head_bucket, Bucket=self.bucket)
-
-    def get_entry(self, cache_key: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self._call(self.client.get_object, Bucket=self.bucket, Key=self._key("ac", cache_key))["Body"].read()
-        except ClientError:
-            return None
-
-    def put_entry(self, cache_key: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:  # create-only: If-None-Match makes the server refuse a second writer (412)
-            self._call(self.client.put_object, Bucket=self.bucket, Key=self._key("ac", cache_key), Body=data,
-                       IfNoneMatch="*", ContentType="application/json")
-            return True
-        except ClientError:
-            return False
-
-    def has_blob(self, sha: str, size: int) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            head = self._call(self.client.head_object, Bucket=self.bucket, Key=self._key("cas", sha))
-            return head["ContentLength"] == size
-        except ClientError:
-            return False
-
-    def put_blob(self, sha: str, path: Path) -> Transfer:
-        from boto3.s3.transfer import TransferConfig
-
-        start = time.monotonic()
-        # streamed from the file, in parallel parts above MULTIPART: memory stays flat
-        self._call(self.client.upload_file, str(path), self.bucket, self._key("cas", sha),
-                   Config=TransferConfig(multipart_threshold=MULTIPART, multipart_chunksize=MULTIPART, max_concurrency=4))
-        return Transfer(path.stat().st_size, time.monotonic() - start)
-
-    def open_blob(self, sha: str):
-        from botocore.exceptions import ClientError
-
-        try:
-            return self._call(self.client.get_object, Bucket=self.bucket, Key=self._key("cas", sha))["Body"]
-        except ClientError:
-            return None
-
-    def _list(self, kind: str):
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{kind}/")
-        for page in self._call(list, pages):
-            for obj in page.get("Contents", []):
-                yield obj["Key"].rsplit("/", 1)[1], obj["Size"]
-
-    def entries(self):
-        for name, _ in self._list("ac"):
-            if name.endswith(".json"):
+        for name, _ in self.store.list("ac"):
+            if name.endswith(".json") and "/" not in name:
                 yield name[:-len(".json")]
 
     def blobs(self):
-        yield from self._list("cas")
+        for name, size in self.store.list("cas"):
+            if "/" not in name:
+                yield name, size
 
     def delete(self, kind: str, name: str) -> None:
-        self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(kind, name))
+        self.store.delete(f"ac/{name}.json" if kind == "ac" else f"cas/{name}")
 
 
-def open_store(url: str):
-    return S3Store(url) if url.startswith("s3://") else DirStore(url)
+def open_store(url: str) -> CacheStore:
+    return CacheStore(stores.open_store(url))
 
 
 # --- the cache as the build uses it --------------------------------------------------------------

@@ -143,17 +143,21 @@ class Prune(DoitCmdBase):
 class Nightly(DaskRun):
     name = "nightly"
     doc_purpose = "build everything declared, continue past failures, write a dated JSON + HTML report"
-    doc_usage = "[-n N] [--report-dir DIR]"
-    doc_description = "Exit status 1 when any artifact failed. Targets without a toolchain are reported as skipped."
+    doc_usage = "[-n N] [--report-dir DIR] [--publish]"
+    doc_description = ("Exit status 1 when any artifact failed. Targets without a toolchain are reported as skipped. "
+                       "--publish: then publish what is built and accepted as a release (`doit publish` with models.yaml's "
+                       "`releases:` block); the report links it.")
     cmd_options = DaskRun.cmd_options + (
         {"name": "report_dir", "long": "report-dir", "type": str, "default": "",
          "help": "where reports go (default: <artifacts>/reports)"},
+        {"name": "publish", "long": "publish", "type": bool, "default": False,
+         "help": "publish a release of tonight's accepted deliverables"},
     )
 
     def _execute(self, outfile, verbosity=None, always=False, continue_=False, reporter="console", num_process=0,
                  par_type="process", single=False, auto_delayed_regex=False, force_verbosity=False,
-                 failure_verbosity=0, pdb=False, dask_scheduler="", report_dir=""):
-        from buildplan import nightly
+                 failure_verbosity=0, pdb=False, dask_scheduler="", report_dir="", publish=False):
+        from buildplan import nightly, releases
         from buildplan.files import utc_now
         from buildplan.tasks import available_targets
 
@@ -169,7 +173,15 @@ class Nightly(DaskRun):
                          num_process=num_process, par_type=par_type, single=single,
                          auto_delayed_regex=auto_delayed_regex, force_verbosity=force_verbosity,
                          failure_verbosity=failure_verbosity, pdb=pdb, dask_scheduler=dask_scheduler)
-        path, failed = nightly.write_report(plan, started, skipped, report_dir or None, damaged)
+        release = None
+        if publish:
+            try:
+                where = releases.settings(plan.config.releases)
+                release = releases.publish(plan, _session(self).store, where, log=lambda m: print(m, file=sys.stderr))
+            except (releases.ReleaseError, releases.StoreUnavailable) as e:
+                print(f"nightly: not published: {e}", file=sys.stderr)
+                release = {"error": str(e)}
+        path, failed = nightly.write_report(plan, started, skipped, report_dir or None, damaged, release)
         print(f"nightly report: {path}.html (and .json); failed: {failed}", file=sys.stderr)
         cov = json.loads(Path(f"{path}.json").read_text())["coverage"]
         if cov["cells"]:
@@ -178,7 +190,7 @@ class Nightly(DaskRun):
             for hole in cov["holes"]:
                 print(f"  hole {hole['cell']}: {hole['status']}" + (f": {hole['reason']}" if hole["reason"] else ""),
                       file=sys.stderr)
-        return 1 if failed else 0
+        return 1 if failed or (release or {}).get("error") else 0
 
 
 class CacheCommand(DoitCmdBase):
@@ -215,3 +227,140 @@ class CacheCommand(DoitCmdBase):
             return cache_commands.run(action, plan, words, fix=fix, dry_run=dry_run)
         finally:
             self.dep_manager.close()
+
+
+def _late_options(cmd, given: dict, pos_args) -> tuple[dict, list[str]]:
+    """doit stops reading options at the first word (`doit fetch nightly --dest d`): the command's
+    options found among the words, over those doit parsed; and the remaining words."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"doit {cmd.name}", add_help=False)
+    for opt in cmd.cmd_options:
+        if opt["type"] is bool:
+            parser.add_argument(f"--{opt['long']}", dest=opt["name"], action="store_true", default=None)
+        else:
+            parser.add_argument(f"--{opt['long']}", dest=opt["name"], type=opt["type"], default=None)
+    try:
+        late, words = parser.parse_known_args(list(pos_args or []))
+    except SystemExit:
+        raise SystemExit(2) from None  # argparse said what was wrong
+    unknown = [w for w in words if w.startswith("--")]
+    if unknown:
+        raise SystemExit(f"error: doit {cmd.name}: unknown option {unknown[0]} (see `doit help {cmd.name}`)")
+    return {**given, **{k: v for k, v in vars(late).items() if v is not None}}, words
+
+
+class Publish(DoitCmdBase):
+    name = "publish"
+    builds = "unless --dry-run"  # it holds the build lock: no build changes a file while it is uploaded
+    doc_purpose = "publish the built, accepted deliverables as a new immutable release version"
+    doc_usage = "[--channel C] [--to URL] [--keep N] [--dry-run] [TARGET...]"
+    doc_description = (
+        "Uploads every declared deliverable (the members of compile:<target>) that is built, fresh and accepted "
+        "to <store>/<channel>/versions/<version>/, with a manifest (sha256, size, fingerprint, figures, toolchains), "
+        "then moves <channel>/latest.json. Stand-in, failed and stale artifacts are left out and listed. "
+        "--keep N then deletes all but the newest N versions of the channel. Store and channel default to "
+        "models.yaml's `releases:` block (BLIPC_RELEASES_URL overrides the url).")
+    cmd_options = (
+        {"name": "channel", "long": "channel", "type": str, "default": "", "help": "release channel (default: nightly)"},
+        {"name": "to", "long": "to", "type": str, "default": "", "help": "store: s3://bucket/prefix or a directory"},
+        {"name": "keep", "long": "keep", "type": int, "default": 0, "help": "then keep the newest N versions"},
+        {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "only list what would happen"},
+    )
+
+    def _execute(self, channel="", to="", keep=0, dry_run=False, pos_args=None):
+        from buildplan import releases
+
+        given = {"channel": channel, "to": to, "keep": keep, "dry_run": dry_run}
+        opts, targets = _late_options(self, given, pos_args)
+        session = _session(self)
+
+        def run():
+            where = releases.settings(session.plan.config.releases, opts["to"] or None, opts["channel"] or None,
+                                      opts["keep"] or None)
+            if not opts["dry_run"]:
+                session.begin_build()
+            releases.publish(session.plan, session.store, where, targets or None, opts["dry_run"])
+            return 0
+
+        try:
+            return releases.catch(run)
+        finally:
+            self.dep_manager.close()
+
+
+class Fetch(DoitCmdBase):
+    name = "fetch"
+    builds = False
+    doc_purpose = "download a published release (a channel's latest, or channel/version), verified"
+    doc_usage = "CHANNEL | CHANNEL/VERSION [--target T] [--dest DIR] [--from URL]"
+    doc_description = ("Every file is checked against the manifest's size and sha256 before it takes its name; an "
+                       "interrupted fetch resumes where it stopped. The manifest is written as DIR/release.json.")
+    cmd_options = (
+        {"name": "target", "long": "target", "type": str, "default": "", "help": "only this target's files"},
+        {"name": "dest", "long": "dest", "type": str, "default": "", "help": "where to (default: ./release-<channel>)"},
+        {"name": "source", "long": "from", "type": str, "default": "", "help": "store: s3://bucket/prefix or a directory"},
+    )
+
+    def _execute(self, target="", dest="", source="", pos_args=None):
+        from buildplan import releases
+
+        opts, words = _late_options(self, {"target": target, "dest": dest, "source": source}, pos_args)
+        target, dest, source = opts["target"], opts["dest"], opts["source"]
+        self.dep_manager.close()
+        if len(words) != 1:
+            print("error: name one release: a channel (its latest) or <channel>/<version>; see `doit releases`",
+                  file=sys.stderr)
+            return 2
+
+        def run():
+            where = releases.settings(_session(self).plan.config.releases, source or None)
+            out = Path(dest or f"release-{words[0].split('/')[0]}")
+            releases.fetch(where["url"], words[0], out, target or None)
+            return 0
+
+        return releases.catch(run)
+
+
+class Releases(DoitCmdBase):
+    name = "releases"
+    builds = False
+    doc_purpose = "list the release store's channels and versions, or prune old versions"
+    doc_usage = "[list] [CHANNEL] | prune [--keep N] [--dry-run] [CHANNEL]"
+    doc_description = ("list: per channel, its versions (complete or an unfinished upload), sizes and which is latest. "
+                       "prune: keep the newest N complete versions (and the latest) of a channel, delete the rest and "
+                       "unfinished uploads older than 6 h.")
+    cmd_options = (
+        {"name": "keep", "long": "keep", "type": int, "default": 0, "help": "prune: versions to keep (default: releases.keep)"},
+        {"name": "dry_run", "long": "dry-run", "type": bool, "default": False, "help": "prune: only list"},
+        {"name": "source", "long": "from", "type": str, "default": "", "help": "store: s3://bucket/prefix or a directory"},
+    )
+
+    def _execute(self, keep=0, dry_run=False, source="", pos_args=None):
+        from buildplan import releases
+        from buildplan.stores import open_store
+
+        opts, words = _late_options(self, {"keep": keep, "dry_run": dry_run, "source": source}, pos_args)
+        keep, dry_run, source = opts["keep"], opts["dry_run"], opts["source"]
+        action = words.pop(0) if words and words[0] in ("list", "prune") else "list"
+        configured = _session(self).plan.config.releases
+        self.dep_manager.close()
+
+        def run():
+            where = releases.settings(configured, source or None, words[0] if words else None, keep or None)
+            store = open_store(where["url"])
+            store.check(writing=False)
+            if action == "prune":
+                if not where["keep"]:
+                    raise releases.ReleaseError("prune: say how many versions to keep (--keep N or releases.keep)")
+                releases.prune(store, where["channel"], where["keep"], dry_run)
+                return 0
+            for channel in [where["channel"]] if words else releases.channels(store):
+                latest = (releases.read_json(store, releases.pointer(channel)) or {}).get("version")
+                print(f"{channel} (latest: {latest or 'none'})")
+                for v in releases.versions(store, channel):
+                    state = "latest" if v["version"] == latest else "complete" if v["complete"] else "unfinished upload"
+                    print(f"  {v['version']}  {v['files']:4d} file(s) {v['bytes'] / 2**20:9.1f} MiB  {state}")
+            return 0
+
+        return releases.catch(run)

