@@ -190,6 +190,19 @@ def test_a_layer_that_overflows_in_f16_is_named_by_comparing_every_tensor(tmp_pa
     line = next(x for x in proc.stdout.splitlines() if x.startswith("F  bmodel:c.blip_cap_venc.bm1684x.F16.1b"))
     assert f"first layer off in F16: {first['node']} ({first['op']})" in line and "the error starts there" in line
     assert "last build failed:" in doit(cfg, "stale", check=False).stdout
+    # without the cmodel (BLIP-base image graphs take hours on it) the F16 bmodel is not checked at
+    # all; check_lowering compares its TPU dialect in TPU-MLIR's interpreter, and names the layer again
+    target = {"precisions": ["F16"], "simulate": False}
+    model = {"name": "c", "task": "captioning", "checkpoint": str(tmp_path / "model_caption.pth"), "arch": "tiny",
+             "graphs": ["blip_cap_venc"]}
+    write_config(cfg, [{**model, "targets": {"bm1684x": target}}], root)
+    doit(cfg, timeout=1200)
+    unchecked = json.loads((root / ".state/bmodel__c.blip_cap_venc.bm1684x.F16.1b.json").read_text())
+    assert not unchecked["simulated"] and unchecked["figures"]["tpu_mlir"] == []
+    write_config(cfg, [{**model, "targets": {"bm1684x": {**target, "check_lowering": True}}}], root)
+    proc = doit(cfg, check=False, timeout=1200)
+    marker = json.loads((root / ".state/failed/bmodel__c.blip_cap_venc.bm1684x.F16.1b.json").read_text())
+    assert proc.returncode != 0 and marker["finding"]["first_off"]["node"] == first["node"]
 
 
 @pytest.mark.tpu_mlir
