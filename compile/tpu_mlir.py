@@ -140,12 +140,16 @@ def declare(plan, model, dims: dict, target, exported) -> None:
         for bs in sorted(target.batch_sizes):
             simplified = exported.fixed(graph, bs)
             labels = {"graph": graph, "batch": bs}
+            # model_transform's own check runs the ONNX graph with every tensor kept: 22 GB for the
+            # BLIP-base ViT at bs 4. It converts the same ops at every batch size, so it runs at bs 1
+            # only; the bmodels of every batch size are still accepted against their ONNX reference.
             transform = plan.add(Node(
                 id=f"transform:{model.name}.{graph}.{bs}b", stage="transform", model=model.name,
                 outputs=transform_outputs(model.name, graph, bs), action="compile.tpu_mlir:run_transform",
                 toolchain=NAME, deps=(simplified,),
                 params={"graph": graph, "batch": bs, "input_shapes": list(spec.shapes(dims, bs).values()),
-                        "outputs": [t.name for t in spec.outputs], "tolerance": TRANSFORM_TOLERANCE},
+                        "outputs": [t.name for t in spec.outputs], "tolerance": TRANSFORM_TOLERANCE,
+                        **({} if bs == 1 else {"reference_check": False})},
                 labels=labels))
             # One table per graph, made at the smallest batch size: a table holds a threshold per op
             # name, the top MLIRs of every batch size name their ops alike, and activation ranges
@@ -284,16 +288,23 @@ def run_transform(node: Node, ctx) -> dict:
     np.savez(work / "test_input.npz", **inputs)
     shapes = "[" + ",".join("[" + ",".join(map(str, s)) + "]" for s in p["input_shapes"]) + "]"
     mlir = Path(node.outputs["mlir"]).name
+    checked = p.get("reference_check", True)
     log = ctx.run(["model_transform.py", "--model_name", graph, "--model_def", str(ctx.input("onnx")),
                    "--input_shapes", shapes, "--mlir", mlir,
-                   "--test_input", "test_input.npz", "--test_result", "top_outputs.npz",
-                   "--tolerance", p["tolerance"]], cwd=work, what="model_transform.py")
+                   *(["--test_input", "test_input.npz", "--test_result", "top_outputs.npz",
+                      "--tolerance", p["tolerance"]] if checked else [])], cwd=work, what="model_transform.py")
     # Keep only the graph outputs of the reference (the file holds every intermediate tensor),
     # under the names the top MLIR returns them by, which lowering may have changed, in the
     # spec's order.
     names = top_output_names((work / mlir).read_text())
     if len(names) != len(p["outputs"]):
         raise StageError(f"{mlir} returns {len(names)} tensors {names}, the spec declares {p['outputs']}")
+    if not checked:  # what the bmodels are compared with: the ONNX graph's outputs
+        shutil.move(work / "test_input.npz", work / Path(node.outputs["test_input"]).name)
+        np.savez(ctx.tmp("top_outputs"), **dict(zip(names, (reference[o] for o in p["outputs"]), strict=True)))
+        for role in ("mlir", "weights", "test_input"):
+            shutil.move(work / Path(node.outputs[role]).name, ctx.tmp(role))
+        return {"figures": {"tpu_mlir": []}, "summary": "not run against ONNX (checked at batch size 1)"}
     with np.load(work / "top_outputs.npz") as z:
         missing = [n for n in names if n not in z.files]
         if missing:
