@@ -46,7 +46,8 @@ SETTINGS = (
     Setting("mixed_precision", "str", "below F32: `auto` keeps in F32 (a quantize table, searched once and kept as "
             "an artifact) the fewest ops that make model_deploy compile; `off`: a crash names the op", default="off",
             allowed=("off", "auto")),
-    Setting("max_float_layers", "int", "mixed_precision auto: at most this many ops kept in F32",
+    Setting("max_float_layers", "int", "mixed_precision auto: at most this many ops kept in F32, besides the ops "
+            "holding token ids or positions beyond what the precision holds exactly (always kept)",
             default=16, minimum=1, maximum=100000, unit="ops"),
     Setting("combine_batch_sizes", "bool", "also one bmodel per graph and precision holding every declared batch "
             "size, the weights stored once (model_tool --combine_coeff); each batch size validated from that file",
@@ -407,10 +408,8 @@ def localize_accuracy(ctx, p: dict, float_ops=()) -> tuple[dict, list[dict]]:
     from compile.localization import findings, tensor_figures
 
     work = ctx.workdir("localize")
-    _link_weights(ctx, work)
     in_f32 = str(ctx.input("test_input"))
-    ctx.run(["model_runner.py", "--input", in_f32, "--model", str(ctx.input("mlir")), "--output", "top_tensors.npz",
-             "--dump_all_tensors"], cwd=work, what="model_runner.py (every tensor of the top MLIR)")
+    _top_tensors(ctx, work)
     try:  # --debug keeps the TPU dialect's tensors, which model_deploy otherwise deletes
         ctx.run(_deploy_argv(ctx, p, work, "localize.bmodel", float_ops) + [
             "--test_input", in_f32, "--test_reference", "top_tensors.npz", "--compare_all", "--tolerance",
@@ -433,6 +432,40 @@ def localize_accuracy(ctx, p: dict, float_ops=()) -> tuple[dict, list[dict]]:
                                 **tensor_figures(want, got.reshape(want.shape), p["precision"])})
     shutil.rmtree(work, ignore_errors=True)
     return findings(entries, p["precision"], {g["node"] for g in graph if g["op"] == "Input"}), entries
+
+
+def _top_tensors(ctx, work: Path) -> Path:
+    """Every tensor of the top MLIR on the reference input, in work/top_tensors.npz."""
+    _link_weights(ctx, work)
+    ctx.run(["model_runner.py", "--input", str(ctx.input("test_input")), "--model", str(ctx.input("mlir")),
+             "--output", "top_tensors.npz", "--dump_all_tensors"], cwd=work,
+            what="model_runner.py (every tensor of the top MLIR)")
+    return work / "top_tensors.npz"
+
+
+# The largest integer each precision holds exactly (INT8: its quantized range).
+EXACT_INTEGERS = {"F16": 2048, "BF16": 256, "INT8": 127}
+
+
+def integer_path(ctx, p: dict) -> list[str]:
+    """The ops whose outputs, on the reference input, are whole numbers beyond what p's precision
+    holds exactly: token ids and positions (an unrolled decoder's ArgMax, the ids it concatenates,
+    the word-embedding lookups' indices). Lowered, they round 30522 to 30528 and look up another
+    word; no calibration or tolerance changes that, so they stay in F32."""
+    import numpy as np
+
+    work = ctx.workdir("integer_path")
+    limit = EXACT_INTEGERS[p["precision"]]
+    found = []
+    with np.load(_top_tensors(ctx, work)) as tensors:
+        for g in top_graph(ctx.input("mlir").read_text()):
+            if g["op"] in ("None", "Input", "Weight") or g["node"] not in tensors.files:
+                continue
+            t = tensors[g["node"]]
+            if t.size and np.issubdtype(t.dtype, np.floating) and np.abs(t).max() > limit and np.all(t == np.round(t)):
+                found.append(g["node"])
+    shutil.rmtree(work, ignore_errors=True)
+    return found
 
 
 def _deploy_argv(ctx, p: dict, work: Path, name: str, float_ops=()) -> list[str]:
@@ -497,23 +530,28 @@ def run_float_search(node: Node, ctx) -> dict:
 
     p = node.params
     ops = top_ops(ctx.input("mlir").read_text())
-    count, kept, steps = [0], [], []
+    integers = integer_path(ctx, p)
+    if integers:
+        ctx.log(f"mixed precision: {len(integers)} ops carry whole numbers beyond {EXACT_INTEGERS[p['precision']]} "
+                f"(token ids, positions): kept in F32 outright: {', '.join(integers)}")
+    count, kept, steps = [0], list(integers), []
     while not _compiles(ctx, p, kept, count):
         found = localize_crash(ctx, p, ops, kept, count, fails_as_is=True)
         steps.append(found)
         if found["op"] is None:
             raise StageError(f"mixed precision: {found['why']}", finding=found)
-        if len(kept) >= p["max_float_layers"]:
+        if len(kept) - len(integers) >= p["max_float_layers"]:
             raise StageError(f"mixed precision: the budget of {p['max_float_layers']} ops in F32 is spent "
                              f"({', '.join(kept)}) and model_deploy still fails; next: {found['op']} ({found['type']})",
                              finding=found)
         ctx.log(f"mixed precision: keeping {found['op']} ({found['type']}) in F32: {found['why']}")
         kept.append(found["op"])
     kinds = dict(ops)
-    table = {"float_ops": kept, "types": {k: kinds[k] for k in kept}, "compiles": count[0], "steps": steps}
+    table = {"float_ops": kept, "types": {k: kinds.get(k) for k in kept}, "integer_path": integers,
+             "compiles": count[0], "steps": steps}
     ctx.tmp("float_ops").write_text(json.dumps(table, indent=1))
-    return {"float_ops": kept, "compiles": count[0],
-            "summary": f"{len(kept)} ops kept in F32, {count[0]} compiles"}
+    return {"float_ops": kept, "integer_path": len(integers), "compiles": count[0],
+            "summary": f"{len(kept)} ops kept in F32 ({len(integers)} on the integer path), {count[0]} compiles"}
 
 
 def run_deploy(node: Node, ctx) -> dict:
