@@ -133,6 +133,52 @@ def s3(tmp_path_factory):
         os.killpg(proc.pid, 9)
 
 
+class Relay:
+    """A TCP relay on 127.0.0.1 to a local server (the S3 server of a test), for a network that
+    misbehaves on cue: a subclass's `forward(chunk, upstream, passed)` returns the bytes to send on
+    and whether to cut the connection after them (`passed`: bytes this direction sent before)."""
+
+    def __init__(self, port: int):
+        import threading
+
+        self.target = port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def forward(self, chunk: bytes, upstream: bool, passed: int) -> tuple[bytes, bool]:
+        return chunk, False
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:  # closed: no more connections
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src, dst, upstream: bool):
+        passed = 0
+        try:
+            while chunk := src.recv(65536):
+                data, cut = self.forward(chunk, upstream, passed)
+                dst.sendall(data)
+                passed += len(data)
+                if cut:
+                    break
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+
 @pytest.fixture
 def tmp_artifacts(tmp_path):
     return tmp_path / "artifacts"

@@ -4,7 +4,6 @@ and never trust or spread a bad result."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import pytest
 
 from buildplan import cache as cache_mod
 from buildplan.files import sha256_file
-from conftest import REPO, STANDIN_BIN, doit, executed, free_port, records, repo_copy, write_config
+from conftest import REPO, STANDIN_BIN, Relay, doit, executed, free_port, records, repo_copy, write_config
 
 pytestmark = pytest.mark.tpu_mlir
 
@@ -118,49 +117,22 @@ def test_keys_do_not_depend_on_where_or_who(tmp_path):
     assert any(n.startswith("calibrate:") or "INT8" in n for n in keys[0])
 
 
-class _DroppingProxy:
-    """A TCP relay to the S3 server that cuts every connection after `limit` bytes of a response
-    and then stops listening: the server gone in the middle of a download."""
-
-    def __init__(self, port: int, limit: int):
-        self.target, self.limit, self.cut = port, limit, threading.Event()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.cut.is_set():
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
-
-    def _pipe(self, src, dst, counted):
-        sent = 0
-        try:
-            while chunk := src.recv(65536):
-                if counted and sent + len(chunk) > self.limit and self.is_armed():
-                    dst.sendall(chunk[: max(0, self.limit - sent)])
-                    self.cut.set()
-                    self.sock.close()
-                    break
-                dst.sendall(chunk)
-                sent += len(chunk) if counted else 0
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                s.close()
+class _DroppingProxy(Relay):
+    """A relay to the S3 server that, once armed, cuts every connection after `limit` bytes of a
+    response and then stops listening: the server gone in the middle of a download."""
 
     armed = False
 
-    def is_armed(self):
-        return self.armed
+    def __init__(self, port: int, limit: int):
+        super().__init__(port)
+        self.limit, self.cut = limit, threading.Event()
+
+    def forward(self, chunk, upstream, passed):
+        if not upstream and self.armed and passed + len(chunk) > self.limit:
+            self.cut.set()
+            self.sock.close()
+            return chunk[: max(0, self.limit - passed)], True
+        return chunk, False
 
 
 def test_server_gone_mid_pull_leaves_no_partial_file_and_the_build_finishes(tmp_path, s3):

@@ -4,7 +4,6 @@ downloads, retention."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 
 from buildplan import releases
 from buildplan.files import sha256_file
-from conftest import REPO, _doit_env, doit, records, write_config
+from conftest import REPO, Relay, _doit_env, doit, records, write_config
 
 ORT_F32 = ("ort:r.BLIP_image.cpu.F32.1b", "ort:r.blip_itm.cpu.F32.1b")
 FAILING = "ort:r.BLIP_image_feat.cpu.INT8.1b"  # misses the INT8 acceptance (models.yaml says so)
@@ -142,45 +141,24 @@ def test_directory_release_round_trip(built, tmp_path):
     assert _fetched(dest)[0] == left[0]["version"]
 
 
-class _HoldingProxy:
-    """A TCP relay to the S3 server that lets the first `passed` PUT requests through and holds the
+class _HoldingProxy(Relay):
+    """A relay to the S3 server that lets the first `passed` PUT requests through and holds the
     next one until released: a publish stopped halfway through its uploads."""
 
     def __init__(self, port: int, passed: int = 1):
-        self.target, self.passed, self.puts = port, passed, 0
+        super().__init__(port)
+        self.passed, self.puts = passed, 0
         self.holding, self.released, self.lock = threading.Event(), threading.Event(), threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
-
-    def _pipe(self, src, dst, upstream):
-        try:
-            while chunk := src.recv(65536):
-                if upstream and chunk.startswith(b"PUT "):
-                    with self.lock:
-                        self.puts += 1
-                        hold = self.puts > self.passed
-                    if hold:
-                        self.holding.set()
-                        self.released.wait()
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                s.close()
+    def forward(self, chunk, upstream, passed):
+        if upstream and chunk.startswith(b"PUT "):
+            with self.lock:
+                self.puts += 1
+                hold = self.puts > self.passed
+            if hold:
+                self.holding.set()
+                self.released.wait()
+        return chunk, False
 
     def close(self):
         self.released.set()
