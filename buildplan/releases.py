@@ -121,8 +121,8 @@ def toolchains(plan, store, nodes) -> dict:
     """name -> identity of every toolchain that made the nodes or anything upstream of them."""
     found = {}
     for node_id in plan.closure([n.id for n in nodes]):
-        rec = store.read(node_id)
-        identity = (rec or {}).get("parts", {}).get("toolchain")
+        rec = store.record(node_id)
+        identity = rec.parts.get("toolchain") if rec else None
         if isinstance(identity, dict) and identity.get("name"):
             found[identity["name"]] = identity
     return dict(sorted(found.items()))
