@@ -136,6 +136,8 @@ def manifest_for(plan, store, channel: str, version: str, included: list, left_o
                 "path": rel, "sha256": meta["sha256"], "size": meta["size"], "node": node.id, "stage": node.stage,
                 "model": node.model, **{k: node.labels[k] for k in ("target", "graph", "precision", "batch") if k in node.labels},
                 "fingerprint": rec.fingerprint, "toolchain": rec.parts.get("toolchain"), "built_at": rec.finished_at,
+                # False: built with its numerical check turned off (simulate: false), so no figure accepted it
+                "validated": rec.result.acceptance_figure() is not None,
                 "acceptance": rec.result.acceptance, "figures": rec.result.figures, "details": rec.result.extra})
     return {"format": FORMAT, "channel": channel, "version": version, "published_at": utc_now(),
             "config": Path(plan.config.path).name, "toolchains": toolchains(plan, store, [n for n, _ in included]),

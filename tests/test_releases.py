@@ -79,7 +79,7 @@ def test_directory_release_round_trip(built, tmp_path):
         assert rec["outputs"][art["path"]]["sha256"] == art["sha256"] == sha256_file(store / "nightly" / "versions" /
                                                                                       doc["version"] / art["path"])
         assert art["fingerprint"] == rec["fingerprint"] and art["figures"] == rec["figures"] and art["size"] > 0
-        assert art["target"] == "cpu" and art["toolchain"]["name"] == "onnxruntime"
+        assert art["target"] == "cpu" and art["toolchain"]["name"] == "onnxruntime" and art["validated"]
     assert {"onnxruntime", "python"} <= set(doc["toolchains"])
     assert {m["node"] for m in doc["not_included"]} == {FAILING, STANDIN}
 
