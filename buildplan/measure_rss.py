@@ -6,32 +6,44 @@ The build process cannot measure this itself: a forked child's peak RSS starts a
 size (the doit process may hold torch, ~700 MB), so every figure would be at least that. This
 launcher is small once exec'd, and the command is forked from it.
 """
+import contextlib
+import os
 import resource
 import signal
 import subprocess
 import sys
 
 
-def _die_with_parent():
-    """In the child before exec: SIGKILL it when this launcher dies, however it dies (a kill -9 of
-    doit left TPU-MLIR running on after the build lock was free)."""
+def _die_with_parent(sig: int = signal.SIGKILL):
+    """Get `sig` when the parent dies, however it dies (a kill -9 of doit left TPU-MLIR running on
+    after the build lock was free)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    libc.prctl(1, sig)  # PR_SET_PDEATHSIG
 
 
 def main() -> int:
     out, argv = sys.argv[1], sys.argv[2:]
-    _die_with_parent()  # the launcher itself dies with the doit process
+    # Told (SIGTERM, catchable) when doit dies: the handler below then stops the tool's whole
+    # process group. model_deploy.py is a wrapper that starts Python, which starts tpuc-opt: a
+    # death signal reaches only the direct child.
+    _die_with_parent(signal.SIGTERM)
     try:
-        child = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+        child = subprocess.Popen(argv, preexec_fn=_die_with_parent, process_group=0)
     except OSError as e:
         print(f"cannot run {argv[0]}: {e}", file=sys.stderr)
         return 127
-    for sig in (signal.SIGTERM, signal.SIGINT):  # pass a stop on, then report as usual
-        signal.signal(sig, lambda s, _f: child.send_signal(s))
+
+    def stop(sig, _frame):  # pass a stop on to every process of the tool, then report as usual
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     code = child.wait()
+    with contextlib.suppress(ProcessLookupError):  # whatever the tool left running
+        os.killpg(child.pid, signal.SIGKILL)
     with open(out, "w") as f:
         f.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))  # Linux: KiB
     return code

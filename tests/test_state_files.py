@@ -52,6 +52,30 @@ def test_toolchain_process_dies_with_the_launcher(tmp_path):
     raise AssertionError("the tool outlived its launcher")
 
 
+def test_the_tools_own_children_die_with_the_build(tmp_path):
+    """TPU-MLIR's model_deploy.py is a wrapper that starts Python, which starts tpuc-opt: a kill -9
+    of doit killed the launcher and the wrapper, and left the rest compiling for minutes."""
+    pidfile = tmp_path / "grandchild"
+    build = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])",
+                              sys.executable, str(REPO / "buildplan" / "measure_rss.py"), str(tmp_path / "rss"),
+                              "sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"])
+    deadline = time.time() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    grandchild = int(pidfile.read_text())
+    os.kill(build.pid, signal.SIGKILL)  # as `kill -9` of doit
+    build.wait()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(grandchild, signal.SIGKILL)
+    raise AssertionError("the tool's own child outlived the build")
+
+
 def test_verify_finds_bit_rot_that_keeps_size_and_mtime(tmp_path):
     """A byte flipped with the mtime restored passed as fresh forever; `doit verify` re-hashes,
     `--fix` makes exactly that artifact stale, and the next build redoes it."""
