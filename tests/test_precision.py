@@ -162,7 +162,10 @@ def test_a_toolchain_crash_names_its_op_and_mixed_precision_compiles_around_it(t
     proc = doit(cfg)
     assert executed(proc) == ["float_ops:r.blip_itm.bm1684x.INT8.1b", "bmodel:r.blip_itm.bm1684x.INT8.1b"]
     rec = json.loads((root / ".state/bmodel__r.blip_itm.bm1684x.INT8.1b.json").read_text())
-    assert rec["float_ops"] == [crash["op"]] and rec["figures"]["bmodel_vs_onnx"]["cosine"] >= 0.95
+    table = json.loads((root / "r/BM1684X/blip_itm_bm1684x_int8_1b.bmodel.float_ops.json").read_text())
+    # the crashing op, besides the ops holding token ids or positions (beyond INT8's 127), kept outright
+    assert rec["float_ops"] == table["integer_path"] + [crash["op"]] and crash["op"] not in table["integer_path"]
+    assert rec["figures"]["bmodel_vs_onnx"]["cosine"] >= 0.95
     assert executed(doit(cfg)) == []
 
 
