@@ -22,6 +22,8 @@ from export.specs import graphs_for_task
 # The core's own limits, declared once: the validator below and the schema (buildplan/schema.py) use them.
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 NAME_RE = re.compile(NAME_PATTERN)
+CHANNEL_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"  # a release channel (buildplan/releases.py)
+DEFAULT_CHANNEL = "nightly"
 BATCH_SIZES = (1, 1024)  # the allowed range
 DEFAULT_BATCH_SIZES = (1,)
 SAMPLES = (1, 10000)  # calibration samples: the allowed range
@@ -352,7 +354,6 @@ def _cache(c: _Checker, raw, base_dir: Path) -> dict:
 
 
 def _releases(c: _Checker, raw, base_dir: Path) -> dict:
-    from buildplan.releases import CHANNEL_PATTERN
     from buildplan.stores import check_url
 
     if raw is None:

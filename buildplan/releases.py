@@ -28,13 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+from buildplan.config import CHANNEL_PATTERN, DEFAULT_CHANNEL
 from buildplan.core import BuildError, ConfigError
 from buildplan.files import utc_now
 from buildplan.stores import CHUNK, StoreUnavailable, open_store
 
 FORMAT = "blipc-release-1"
-CHANNEL_PATTERN = r"[a-z0-9][a-z0-9_-]{0,63}"
-DEFAULT_CHANNEL = "nightly"
 VERSION_PATTERN = r"\d{8}T\d{6}Z-[0-9a-f]{4}"  # UTC start time (sorts as time does), then 4 random hex digits
 INCOMPLETE_GRACE_S = 6 * 3600  # an unfinished version younger than this may still be uploading
 MANIFEST = "manifest.json"

@@ -13,10 +13,9 @@ import sys
 from buildplan import files
 from buildplan.backends import registry
 from buildplan.cache import MODES
-from buildplan.config import BATCH_SIZES, DEFAULT_ARTIFACTS, DEFAULT_BATCH_SIZES, DEFAULT_SAMPLES, NAME_PATTERN, SAMPLES
+from buildplan.config import BATCH_SIZES, CHANNEL_PATTERN, DEFAULT_CHANNEL, DEFAULT_ARTIFACTS, DEFAULT_BATCH_SIZES, DEFAULT_SAMPLES, NAME_PATTERN, SAMPLES
 from buildplan.core import FLAG_PATTERN, Setting
 from buildplan.files import LAYOUT_DIRS
-from buildplan.releases import CHANNEL_PATTERN, DEFAULT_CHANNEL
 from export.presets import ARCHS, TASKS
 from export.specs import graphs_for_task
 
