@@ -29,6 +29,19 @@ def test_records_follow_the_umask_and_dead_runs_scratch_is_cleaned(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~0o022, path  # records were 0600 (mkstemp)
 
 
+def _assert_dies(pid: int, message: str) -> None:
+    """pid is gone within 5 s; else it is killed and the test fails with message."""
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(message)
+
+
 def test_toolchain_process_dies_with_the_launcher(tmp_path):
     launcher = subprocess.Popen([sys.executable, str(REPO / "buildplan" / "measure_rss.py"), str(tmp_path / "rss"),
                                  "sleep", "60"])
@@ -41,15 +54,7 @@ def test_toolchain_process_dies_with_the_launcher(tmp_path):
     assert child, "the launcher started no child"
     os.kill(launcher.pid, signal.SIGKILL)  # as when doit is killed: nobody forwards anything
     launcher.wait()
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(child, signal.SIGKILL)
-    raise AssertionError("the tool outlived its launcher")
+    _assert_dies(child, "the tool outlived its launcher")
 
 
 def test_the_tools_own_children_die_with_the_build(tmp_path):
@@ -65,15 +70,7 @@ def test_the_tools_own_children_die_with_the_build(tmp_path):
     grandchild = int(pidfile.read_text())
     os.kill(build.pid, signal.SIGKILL)  # as `kill -9` of doit
     build.wait()
-    deadline = time.time() + 5
-    while time.time() < deadline:
-        try:
-            os.kill(grandchild, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(grandchild, signal.SIGKILL)
-    raise AssertionError("the tool's own child outlived the build")
+    _assert_dies(grandchild, "the tool's own child outlived the build")
 
 
 def test_verify_finds_bit_rot_that_keeps_size_and_mtime(tmp_path):
