@@ -56,13 +56,16 @@ def pointer(channel: str) -> str:
     return f"{channel}/latest.json"
 
 
+STAMP = "YYYYMMDDTHHMMSSZ"  # a version's time part, as new_version writes it
+
+
 def new_version(now: float | None = None) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(2)
 
 
 def version_time(version: str) -> float | None:
     with contextlib.suppress(ValueError):
-        return float(calendar.timegm(time.strptime(version[:16], "%Y%m%dT%H%M%SZ")))
+        return float(calendar.timegm(time.strptime(version[:len(STAMP)], "%Y%m%dT%H%M%SZ")))
     return None
 
 
@@ -155,7 +158,13 @@ def publish(plan, state, where: dict, targets: list[str] | None = None, dry_run:
         raise ReleaseError(f"nothing to publish: none of the {len(left_out)} declared deliverable(s) is built, fresh "
                            "and accepted (run doit first)")
     store = open_store(where["url"])
-    version = new_version()
+    # Names sort by their second; a publish right after another waits for the next one, so that
+    # the listing's order and `latest` follow the order of publishing.
+    latest_stamp = str((read_json(store, pointer(channel)) or {}).get("version", ""))[:len(STAMP)]
+    version, waited_from = new_version(), time.time()
+    while version[:len(STAMP)] <= latest_stamp and time.time() - waited_from < 2:
+        time.sleep(0.1)
+        version = new_version()
     files = [(rel, meta) for _, rec in included for rel, meta in rec.outputs.items()]
     total = sum(meta["size"] for _, meta in files)
     if dry_run:
@@ -188,9 +197,11 @@ def publish(plan, state, where: dict, targets: list[str] | None = None, dry_run:
 
 
 def _move_pointer(store, channel: str, version: str, manifest_sha256: str) -> bool:
-    """Point the channel at `version`, unless a concurrent publisher already moved it further."""
+    """Point the channel at `version`, unless a concurrent publisher already moved it to a later
+    second. Within one second the random suffixes say nothing of order: the publish that ends
+    later moves it."""
     current = read_json(store, pointer(channel))
-    if current and str(current.get("version", "")) > version:
+    if current and str(current.get("version", ""))[:len(STAMP)] > version[:len(STAMP)]:
         return False
     store.put(pointer(channel), json.dumps({"format": FORMAT, "channel": channel, "version": version,
                                             "manifest_sha256": manifest_sha256, "moved_at": utc_now()}).encode())

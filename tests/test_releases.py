@@ -247,6 +247,21 @@ def test_retention_keeps_the_newest_complete_versions_and_the_latest(complete, k
 
 
 @pytest.mark.unit
+def test_latest_moves_to_a_publish_of_the_same_second_but_never_back_in_time(tmp_path):
+    """Two publishes in one second get the same time and random suffixes: the one that finishes
+    later moves `latest` (CI once saw B's publish leave it on A's, whose suffix sorted higher)."""
+    from buildplan.stores import DirStore
+
+    store = DirStore(tmp_path)
+    assert releases._move_pointer(store, "nightly", "20261205T055443Z-ffff", "a")
+    assert releases._move_pointer(store, "nightly", "20261205T055443Z-0000", "b")
+    assert releases.read_json(store, releases.pointer("nightly"))["version"] == "20261205T055443Z-0000"
+    assert releases._move_pointer(store, "nightly", "20261205T055444Z-0000", "c")
+    assert not releases._move_pointer(store, "nightly", "20261205T055443Z-ffff", "d")  # an older publish ending late
+    assert releases.read_json(store, releases.pointer("nightly"))["version"] == "20261205T055444Z-0000"
+
+
+@pytest.mark.unit
 def test_release_settings_are_checked_before_any_work(tmp_path):
     from buildplan.config import validate
     from buildplan.core import ConfigError
