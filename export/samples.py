@@ -7,8 +7,12 @@ from export.presets import CLS_ID, PAD_ID, SEP_ID
 from export.specs import GraphSpec
 
 
-def make_inputs(spec: GraphSpec, dims: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One batch of plausible inputs. Text lengths vary per row so padding is exercised."""
+def make_inputs(spec: GraphSpec, dims: dict, batch: int, seed: int = 0, full_row: bool = True) -> dict[str, np.ndarray]:
+    """One batch of plausible inputs. Text lengths vary per row so padding is exercised; with
+    `full_row`, the first row fills the whole window (a reference sample covers both). Without
+    it every row is as long as it happens to be, as real text is: what calibration and the
+    decoder gates need, or at batch size 1 no sample would ever be padded (an INT8 table would
+    then hold the attention mask's range as 0 and clip every padded position's -10000 to it)."""
     rng = np.random.default_rng([seed, batch, sum(map(ord, spec.name))])
     shapes = spec.shapes(dims, batch)
     lengths = None
@@ -21,7 +25,8 @@ def make_inputs(spec: GraphSpec, dims: dict, batch: int, seed: int = 0) -> dict[
         elif t.sample in ("text_ids", "text_mask"):
             if lengths is None:
                 lengths = rng.integers(max(3, shape[1] // 3), shape[1] + 1, size=shape[0])
-                lengths[0] = shape[1]  # one row always fills the whole window
+                if full_row:
+                    lengths[0] = shape[1]
             if t.sample == "text_ids":
                 ids = rng.integers(1000, 30000, size=shape, dtype=np.int64)
                 ids[:, 0] = CLS_ID

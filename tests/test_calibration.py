@@ -126,3 +126,28 @@ def test_samples_are_made_as_blip_preprocesses_and_shared_by_every_chip(tmp_path
     again = executed(doit(cfg, "--continue", check=False, timeout=1500))
     assert {"calibration_set:vqa.blip_vqa_tdec_step.1b", "calibrate:vqa.blip_vqa_tdec_step.1b"} <= set(again), again
     assert "calibrate:vqa.blip_vqa_venc.1b" not in again
+
+
+@pytest.mark.unit
+def test_synthetic_calibration_and_gate_samples_have_padded_text_at_batch_size_1():
+    """At batch size 1 a reference sample fills the whole text window. Calibration samples made
+    the same way would never show a padded position: the INT8 table would give the attention
+    mask's -10000 a range of 0 and clip it away on every real, shorter question."""
+    from types import SimpleNamespace
+
+    from compile.acceptance import calibration_samples, gate_inputs, token_gate
+    from export.presets import resolve_dims
+    from export.samples import make_inputs
+    from export.specs import GRAPHS
+
+    dims = resolve_dims("tiny", "vqa")
+    spec = GRAPHS["blip_vqa_tdec_step"]
+    mask = next(t.name for t in spec.inputs if t.sample == "text_mask")
+    assert make_inputs(spec, dims, 1, seed=0)[mask].all()  # the reference sample: the whole window
+    node = SimpleNamespace(params={"samples": 8}, sources=())
+    calibration = [s[mask] for s in calibration_samples(node, None, spec, dims, 1)]
+    assert len(calibration) == 8 and sum(not m.all() for m in calibration) >= 4
+    assert all(m[0, 0] == 1 for m in calibration)  # padding at the end, as the tokenizer pads
+    gate = token_gate(spec, "INT8", "agreement", dims)
+    padded = [not s[mask].all() for s in gate_inputs(spec, gate, 1, make_inputs(spec, dims, 1, seed=0))[1:]]
+    assert sum(padded) >= len(padded) // 2
