@@ -70,7 +70,7 @@ def calibration_samples(node, ctx, spec, dims: dict, batch: int):
                 yield {k: z[k] for k in z.files}
     else:
         for i in range(node.params["samples"]):
-            yield make_inputs(spec, dims, batch, seed=1000 + i)
+            yield make_inputs(spec, dims, batch, seed=1000 + i, full_row=False)
 
 
 # --- decoders below F32 -------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def gate_inputs(spec, gate: dict, batch: int, first: dict) -> list[dict]:
     """The agreement gate's inputs: the reference file's sample first, then seeded ones."""
     from export.samples import make_inputs
 
-    return [first] + [make_inputs(spec, gate["dims"], batch, seed=GATE_SEED + i) for i in range(1, gate["samples"])]
+    return [first] + [make_inputs(spec, gate["dims"], batch, seed=GATE_SEED + i, full_row=False) for i in range(1, gate["samples"])]
 
 
 def onnx_runs(model_file, spec, samples: list[dict], loop: dict | None, loops: int) -> list[dict]:

@@ -22,6 +22,10 @@ from buildplan.core import GateError
 from compile.acceptance import ACCEPT
 
 PRUNE_TRIES = 24  # tries spent dropping unneeded float layers after the bisection
+# The magnitude of an additive mask: BERT's -10000 on padded positions, the step decoders' -1e9 on
+# blocked tokens. An INT8 scale that spans it has steps of 40-80 or more: the signal added to it is
+# lost, so every backend keeps the tensors that reach it, and the ops reading them, in float.
+MASK_MAGNITUDE = 1e4
 
 
 def input_match(precision: str) -> float:
@@ -87,7 +91,7 @@ def float_nodes(entries: list[dict]) -> list[str]:
     return nodes
 
 
-def search_float_layers(entries: list[dict], passes, budget: int, log) -> dict:
+def search_float_layers(entries: list[dict], passes, budget: int, log, prune_tries: int = PRUNE_TRIES) -> dict:
     """The fewest activations (and so nodes) to keep in float for `passes(nodes)` to be true,
     within `budget` nodes. `entries`: the figures of the pure precision that failed."""
     ranked = sorted((e for e in entries if e["severity"] > 0.0), key=lambda e: -e["severity"])
@@ -119,9 +123,9 @@ def search_float_layers(entries: list[dict], passes, budget: int, log) -> dict:
     # With the others in float some may be unneeded: try dropping them, least severe first, in
     # halving groups (one try can drop many), within PRUNE_TRIES quantizations.
     size, pruning = max(1, len(kept) // 2), 0
-    while size >= 1 and pruning < PRUNE_TRIES and len(kept) > 1:
+    while size >= 1 and pruning < prune_tries and len(kept) > 1:
         start = len(kept)
-        while start > 0 and pruning < PRUNE_TRIES:
+        while start > 0 and pruning < prune_tries:
             group = kept[max(0, start - size):start]
             trial = [k for k in kept if all(k is not g for g in group)]
             start -= size

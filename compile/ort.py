@@ -97,11 +97,17 @@ def declare(plan, model, dims: dict, target, exported) -> None:
 
 
 # --- run -------------------------------------------------------------------------------------
-def quantize(onnx_file: Path, out: Path, samples, per_channel: bool, float_layers=()) -> None:
+def quantize(onnx_file: Path, out: Path, samples, per_channel: bool, float_layers=(), masks=None) -> list[str]:
     """ORT static quantization, QDQ format: int8 weights, uint8 activations whose ranges come
-    from `samples`; the nodes in `float_layers` stay float. Per-channel weight scales need
-    opset 13 (DequantizeLinear's axis)."""
+    from `samples`; the nodes in `float_layers` stay float, and so does the mask path (returned;
+    `masks` when the caller found it already). Per-channel weight scales need opset 13
+    (DequantizeLinear's axis)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from compile.ort_precision import mask_path
+
+    samples = list(samples)
+    masks = mask_path(onnx_file, samples) if masks is None else masks
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -111,7 +117,9 @@ def quantize(onnx_file: Path, out: Path, samples, per_channel: bool, float_layer
             return next(self.feeds, None)
 
     quantize_static(str(onnx_file), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(float_layers))
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(dict.fromkeys([*float_layers, *masks])))
+    return masks
 
 
 def to_ort_format(onnx_file: Path, out: Path) -> None:
@@ -188,7 +196,8 @@ def run(node: Node, ctx) -> dict:
             if p.get("mixed_precision") == "auto" else []
         model_file = work / "quantized.onnx"
         samples = list(calibration_samples(node, ctx, spec, p.get("dims"), p["batch"]))
-        quantize(onnx_file, model_file, samples, per_channel=spec.opset >= 13, float_layers=float_layers)
+        result["mask_path"] = quantize(onnx_file, model_file, samples, per_channel=spec.opset >= 13,
+                                       float_layers=float_layers)
         result["calibration"] = {"samples": len(samples), "synthetic": not (node.sources or p["real_data"]),
                                  "from_images": p["real_data"]}
         ctx.log(f"quantized on {len(samples)} calibration samples "
@@ -220,6 +229,7 @@ def run_float_search(node: Node, ctx) -> dict:
     import json
 
     from compile.localization import search_float_layers
+    from compile.ort_precision import mask_path
     from export.reference import read_io
 
     p = node.params
@@ -229,11 +239,12 @@ def run_float_search(node: Node, ctx) -> dict:
     samples = list(calibration_samples(node, ctx, spec, p.get("dims"), p["batch"]))
     work = ctx.workdir()
     count = [0]
+    masks = mask_path(onnx_file, samples)  # the same for every try
 
     def quantized(float_layers) -> Path:
         count[0] += 1
         out = work / f"quantized_{count[0]}.onnx"
-        quantize(onnx_file, out, samples, per_channel=spec.opset >= 13, float_layers=float_layers)
+        quantize(onnx_file, out, samples, per_channel=spec.opset >= 13, float_layers=float_layers, masks=masks)
         return out
 
     acceptance = Acceptance(node, ctx, spec, inputs, reference)

@@ -51,6 +51,26 @@ def _run_with_outputs(model, feeds: dict, names: list[str], types: dict[str, int
     return dict(zip(wanted, session.run(wanted, feeds), strict=True))
 
 
+def mask_path(onnx_file, samples) -> list[str]:
+    """The nodes that produce or read an additive mask: a float activation reaching MASK_MAGNITUDE
+    on a calibration sample (BERT's -10000 on padded positions, a decoder's -1e9 on a blocked
+    token). Quantized, one uint8 scale would span the mask and the scores added to it, and the
+    scores would round to a few steps; they stay float in every INT8 model."""
+    import onnx
+
+    from compile.localization import MASK_MAGNITUDE
+
+    model = onnx.load(str(onnx_file))
+    types = _float_tensors(model)
+    names = [o for node in model.graph.node for o in node.output if o in types]
+    carrying: set[str] = set()
+    for start in range(0, len(names), CHUNK):
+        for feeds in samples:
+            got = _run_with_outputs(model, feeds, names[start:start + CHUNK], types)
+            carrying |= {k for k, v in got.items() if v.size and float(np.abs(v).max()) >= MASK_MAGNITUDE}
+    return [n.name for n in model.graph.node if carrying.intersection([*n.output, *n.input])]
+
+
 def as_consumed(quantized_model) -> dict[str, str]:
     """Activation -> what its consumers read in a QDQ graph: X -> DequantizeLinear(QuantizeLinear(X))
     wherever the quantizer put a pair on it."""

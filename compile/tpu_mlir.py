@@ -44,10 +44,11 @@ SETTINGS = (
     Setting("device_memory_mb", "int", "device memory one bmodel may need (default: the seed's NPU heap)",
             default=lambda chip: DEVICE_MEMORY_MB[chip], minimum=1, maximum=1 << 20, unit="MiB"),
     Setting("mixed_precision", "str", "below F32: `auto` keeps in F32 (a quantize table, searched once and kept as "
-            "an artifact) the fewest ops that make model_deploy compile; `off`: a crash names the op", default="off",
-            allowed=("off", "auto")),
+            "an artifact) the fewest ops that make model_deploy compile and the bmodel pass its acceptance; `off`: a "
+            "failure names the op or layer", default="off", allowed=("off", "auto")),
     Setting("max_float_layers", "int", "mixed_precision auto: at most this many ops kept in F32, besides the ops "
-            "holding token ids or positions beyond what the precision holds exactly (always kept)",
+            "holding token ids or positions beyond what the precision holds exactly and, in INT8, additive masks "
+            "(always kept)",
             default=16, minimum=1, maximum=100000, unit="ops"),
     Setting("combine_batch_sizes", "bool", "also one bmodel per graph and precision holding every declared batch "
             "size, the weights stored once (model_tool --combine_coeff); each batch size validated from that file",
@@ -171,21 +172,23 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                 cell = {**labels, "target": target.name, "precision": precision}
                 compiled = {"graph": graph, "batch": bs, "chip": target.name, "precision": precision}
                 gate = token_gate(spec, precision, settings["decoder_gate"], dims)
+                # what a bmodel is checked by; the search's tries are checked alike
+                checked = {"simulate": settings["simulate"], "tolerance": DEPLOY_TOLERANCE[precision],
+                           **({"check_lowering": True} if settings["check_lowering"] and not settings["simulate"] else {}),
+                           **({"loop": loop_settings(spec, dims)} if spec.decoding else {}),
+                           **({"token_gate": gate} if gate else {})}
                 if mixed:  # the table is an artifact: searched again only when stale
                     deps += (plan.add(Node(
                         id=f"float_ops:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="float_ops",
                         model=model.name, outputs={"float_ops": bmodel + ".float_ops.json"},
                         action="compile.tpu_mlir:run_float_search", toolchain=NAME, deps=deps, labels=cell,
-                        params={**compiled, "max_float_layers": settings["max_float_layers"]})).id,)
+                        params={**compiled, **checked, "max_float_layers": settings["max_float_layers"]})).id,)
                 stages[precision].append(cells.setdefault((graph, precision, bs), plan.add(Node(
                     id=f"bmodel:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="bmodel",
                     model=model.name, outputs={"bmodel": bmodel}, action="compile.tpu_mlir:run_deploy", toolchain=NAME,
                     deps=deps,
-                    params={**compiled, "simulate": settings["simulate"], "tolerance": DEPLOY_TOLERANCE[precision],
-                            **({"check_lowering": True} if settings["check_lowering"] and not settings["simulate"] else {}),
-                            "device_memory_mb": settings["device_memory_mb"], **({"mixed_precision": "auto"} if mixed else {}),
-                            **({"loop": loop_settings(spec, dims)} if spec.decoding else {}),
-                            **({"token_gate": gate} if gate else {})},
+                    params={**compiled, **checked, "device_memory_mb": settings["device_memory_mb"],
+                            **({"mixed_precision": "auto"} if mixed else {})},
                     labels=cell),
                     f"compile:{target.name}")))
         if settings["combine_batch_sizes"] and len(target.batch_sizes) > 1:
@@ -447,25 +450,58 @@ def _top_tensors(ctx, work: Path) -> Path:
 EXACT_INTEGERS = {"F16": 2048, "BF16": 256, "INT8": 127}
 
 
-def integer_path(ctx, p: dict) -> list[str]:
-    """The ops whose outputs, on the reference input, are whole numbers beyond what p's precision
-    holds exactly: token ids and positions (an unrolled decoder's ArgMax, the ids it concatenates,
-    the word-embedding lookups' indices). Lowered, they round 30522 to 30528 and look up another
-    word; no calibration or tolerance changes that, so they stay in F32."""
+def _calibrated_ranges(table: str) -> dict[str, float]:
+    """The largest magnitude a calibration table saw for each op: `name threshold min max` lines."""
+    ranges = {}
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and not line.startswith("#"):
+            try:
+                ranges[fields[0]] = max(abs(float(fields[2])), abs(float(fields[3])))
+            except ValueError:
+                continue
+    return ranges
+
+
+def kept_outright(ctx, p: dict) -> dict[str, list[str]]:
+    """The ops p's precision cannot carry, whatever the calibration or tolerance, kept in F32
+    without spending the budget:
+    - `integer_path`: outputs that are whole numbers beyond what the precision holds exactly,
+      on the reference input: token ids and positions (an unrolled decoder's ArgMax, the ids it
+      concatenates). Lowered, 30522 rounds to 30528 and the embedding lookup takes another word.
+    - `mask_path` (INT8): ops that produce or read an additive mask, values of MASK_MAGNITUDE or
+      more on the reference input or in the calibration table: one INT8 scale over -1e9 and a
+      logit of 15 makes every logit 0 (the step decoders' blocked end token), one over -10000
+      flattens the attention scores it is added to."""
     import numpy as np
 
-    work = ctx.workdir("integer_path")
+    from compile.localization import MASK_MAGNITUDE
+
+    work = ctx.workdir("kept_outright")
     limit = EXACT_INTEGERS[p["precision"]]
-    found = []
+    graph = [g for g in top_graph(ctx.input("mlir").read_text()) if g["op"] not in ("None", "Input", "Weight")]
+    integers, magnitude = [], {}
     with np.load(_top_tensors(ctx, work)) as tensors:
-        for g in top_graph(ctx.input("mlir").read_text()):
-            if g["op"] in ("None", "Input", "Weight") or g["node"] not in tensors.files:
+        for g in graph:
+            if g["node"] not in tensors.files:
                 continue
             t = tensors[g["node"]]
-            if t.size and np.issubdtype(t.dtype, np.floating) and np.abs(t).max() > limit and np.all(t == np.round(t)):
-                found.append(g["node"])
+            if not t.size or not np.issubdtype(t.dtype, np.floating):
+                continue
+            if np.abs(t).max() > limit and np.all(t == np.round(t)):
+                integers.append(g["node"])
+            magnitude[g["node"]] = float(np.abs(t).max())
     shutil.rmtree(work, ignore_errors=True)
-    return found
+    masks = []
+    if p["precision"] == "INT8":
+        computed = {g["node"] for g in graph}
+        for name, seen in _calibrated_ranges(ctx.input("cali_table").read_text()).items():
+            if name in computed:  # the reference input may have no padding; calibration samples do
+                magnitude[name] = max(magnitude.get(name, 0.0), seen)
+        carrying = {n for n, m in magnitude.items() if m >= MASK_MAGNITUDE and n not in integers}
+        masks = [g["node"] for g in graph if g["node"] not in integers
+                 and (g["node"] in carrying or carrying.intersection(g["inputs"]))]
+    return {"integer_path": integers, "mask_path": masks}
 
 
 def _deploy_argv(ctx, p: dict, work: Path, name: str, float_ops=()) -> list[str]:
@@ -481,16 +517,39 @@ def _deploy_argv(ctx, p: dict, work: Path, name: str, float_ops=()) -> list[str]
     return argv
 
 
-def _compiles(ctx, p: dict, float_ops, count: list) -> bool:
-    """Whether model_deploy makes a bmodel with these ops in F32 (the compile only, no validation)."""
+def _lowering_check(ctx, p: dict) -> list[str]:
+    """model_deploy's own comparison of its TPU dialect with the top MLIR on the reference input,
+    where it applies. It would also run the bmodel on the cmodel, but then deletes the outputs, so
+    that run (minutes for BLIP-base) is ours (_accepted). Not under the token agreement rule:
+    TPU-MLIR's cosine of token ids would be a second, different gate on the same outputs."""
+    if not (p["simulate"] or p.get("check_lowering")) or p.get("token_gate"):
+        return []
+    return ["--test_input", str(ctx.input("test_input")), "--test_reference", str(ctx.input("top_outputs")),
+            "--tolerance", p["tolerance"], "--skip_validation"]
+
+
+def _accuracy_checked(ctx, p: dict) -> bool:
+    return bool(p["simulate"] or _lowering_check(ctx, p))
+
+
+def _compiles(ctx, p: dict, float_ops, count: list, checked: bool = False, misses: list | None = None) -> bool:
+    """Whether model_deploy makes a bmodel with these ops in F32; `checked`: and whether that
+    bmodel passes what run_deploy holds it to (TPU-MLIR's comparison, the cmodel acceptance),
+    each miss's first line appended to `misses`."""
     count[0] += 1
     work = ctx.workdir(f"try{count[0]}")
     _link_weights(ctx, work)
     try:
-        ctx.run(_deploy_argv(ctx, p, work, "t.bmodel", float_ops), cwd=work,
-                what=f"model_deploy.py (crash search, try {count[0]})")
+        ctx.run(_deploy_argv(ctx, p, work, "t.bmodel", float_ops) + (_lowering_check(ctx, p) if checked else []),
+                cwd=work, what=f"model_deploy.py ({'accuracy' if checked else 'crash'} search, try {count[0]})")
+        if checked and p["simulate"]:
+            _accepted(ctx, p, work / "t.bmodel", work)
         return True
-    except StageError:
+    except StageError as e:
+        if checked:
+            ctx.log(f"try {count[0]} ({len(float_ops)} ops in F32) misses: {str(e).splitlines()[0]}")
+            if misses is not None:
+                misses.append(str(e).splitlines()[0])
         return False
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -523,54 +582,85 @@ def localize_crash(ctx, p: dict, ops: list[tuple[str, str]], already=(), count=N
                    f"{culprit} ({kinds[culprit]}) is too"}
 
 
+# Accuracy search: each try is a compile and a cmodel acceptance (a decoder's: 10 inputs, 4 loops),
+# so fewer pruning tries than ONNX Runtime's quantizations.
+PRUNE_TRIES = 6
+
+
 def run_float_search(node: Node, ctx) -> dict:
-    """The ops to keep in F32 for model_deploy to compile this graph at this precision: none when
-    it compiles as it is; else one crash localization per op kept, within the budget."""
+    """The ops to keep in F32 for this graph at this precision: first what the precision cannot
+    carry (kept_outright); then, while model_deploy fails, the op its crash localizes to; then,
+    when the bmodel misses what run_deploy holds it to, the fewest of the ops its TPU dialect
+    computes worst (compile/localization.py's search over the lowering's per-op figures). All
+    within the budget, besides kept_outright; none when the precision compiles and passes as it is.
+    Cost of the accuracy step: one localization, then about log2(budget) + 2 tries and at most
+    PRUNE_TRIES more, each a compile and a cmodel acceptance."""
     import json
+
+    from compile.localization import search_float_layers
 
     p = node.params
     ops = top_ops(ctx.input("mlir").read_text())
-    integers = integer_path(ctx, p)
-    if integers:
-        ctx.log(f"mixed precision: {len(integers)} ops carry whole numbers beyond {EXACT_INTEGERS[p['precision']]} "
-                f"(token ids, positions): kept in F32 outright: {', '.join(integers)}")
-    count, kept, steps = [0], list(integers), []
+    outright = kept_outright(ctx, p)
+    unbudgeted = outright["integer_path"] + outright["mask_path"]
+    for path, what in (("integer_path", f"carry whole numbers beyond {EXACT_INTEGERS[p['precision']]} (token ids, "
+                                        "positions)"), ("mask_path", "produce or read additive masks")):
+        if outright[path]:
+            ctx.log(f"mixed precision: {len(outright[path])} ops {what}: kept in F32 outright: {', '.join(outright[path])}")
+    count, kept, steps = [0], list(unbudgeted), []
     while not _compiles(ctx, p, kept, count):
         found = localize_crash(ctx, p, ops, kept, count, fails_as_is=True)
         steps.append(found)
         if found["op"] is None:
             raise StageError(f"mixed precision: {found['why']}", finding=found)
-        if len(kept) - len(integers) >= p["max_float_layers"]:
+        if len(kept) - len(unbudgeted) >= p["max_float_layers"]:
             raise StageError(f"mixed precision: the budget of {p['max_float_layers']} ops in F32 is spent "
                              f"({', '.join(kept)}) and model_deploy still fails; next: {found['op']} ({found['type']})",
                              finding=found)
         ctx.log(f"mixed precision: keeping {found['op']} ({found['type']}) in F32: {found['why']}")
         kept.append(found["op"])
+    accuracy: dict = {"checked": _accuracy_checked(ctx, p)}
+    misses: list[str] = []
+    if accuracy["checked"] and not _compiles(ctx, p, kept, count, checked=True, misses=misses):
+        found, entries = localize_accuracy(ctx, p, kept)
+        said = f"{misses[0]}; {_said(found, p)}"
+        ctx.log(f"mixed precision: with {len(kept)} ops in F32 the bmodel misses: {said}")
+        budget = p["max_float_layers"] - (len(kept) - len(unbudgeted))
+        try:
+            searched = search_float_layers([e for e in entries if e["node"] not in kept],
+                                           lambda chosen: _compiles(ctx, p, kept + chosen, count, checked=True),
+                                           budget, ctx.log, prune_tries=PRUNE_TRIES)
+        except StageError as e:
+            raise GateError(f"{e} ({count[0]} compiles). With {len(kept)} ops in F32: {said}",
+                            finding={**found, **outright, "float_ops": kept, "as_is": misses[0]}) from None
+        kept += searched["float_layers"]
+        accuracy.update(as_is=misses[0], localized=found, ops=searched["float_layers"], tries=searched["tries"])
     kinds = dict(ops)
-    table = {"float_ops": kept, "types": {k: kinds.get(k) for k in kept}, "integer_path": integers,
-             "compiles": count[0], "steps": steps}
+    table = {"float_ops": kept, "types": {k: kinds.get(k) for k in kept}, **outright,
+             "compiles": count[0], "steps": steps, "accuracy": accuracy}
     ctx.tmp("float_ops").write_text(json.dumps(table, indent=1))
-    return {"float_ops": kept, "integer_path": len(integers), "compiles": count[0],
-            "summary": f"{len(kept)} ops kept in F32 ({len(integers)} on the integer path), {count[0]} compiles"}
+    return {"float_ops": kept, "integer_path": len(outright["integer_path"]), "mask_path": len(outright["mask_path"]),
+            "compiles": count[0],
+            "summary": f"{len(kept)} ops kept in F32{_why_kept(outright, kept, accuracy)}, {count[0]} compiles"}
+
+
+def _why_kept(outright: dict, kept: list, accuracy: dict) -> str:
+    searched = len(accuracy.get("ops", ()))
+    parts = [f"{len(outright['integer_path'])} on the integer path", f"{len(outright['mask_path'])} on the mask path",
+             f"{len(kept) - searched - len(outright['integer_path']) - len(outright['mask_path'])} for a crash",
+             f"{searched} for accuracy"]
+    return f" ({', '.join(p for p in parts if not p.startswith('0 '))})" if kept else ""
 
 
 def run_deploy(node: Node, ctx) -> dict:
     import json
 
     p = node.params
-    in_f32, top_outputs = ctx.input("test_input"), ctx.input("top_outputs")
     work = ctx.workdir()
     _link_weights(ctx, work)
     name = Path(node.outputs["bmodel"]).name
     float_ops = json.loads(ctx.input("float_ops").read_text())["float_ops"] if p.get("mixed_precision") else []
-    argv = _deploy_argv(ctx, p, work, name, float_ops)
-    if (p["simulate"] or p.get("check_lowering")) and not p.get("token_gate"):
-        # TPU-MLIR checks its TPU dialect against the top MLIR; it would also run the bmodel on the
-        # cmodel, but then deletes the outputs, so that run (minutes for BLIP-base) is ours, below.
-        # Not under the token agreement rule: TPU-MLIR's cosine of token ids would be a second,
-        # different gate on the same outputs.
-        argv += ["--test_input", str(in_f32), "--test_reference", str(top_outputs), "--tolerance", p["tolerance"],
-                 "--skip_validation"]
+    argv = _deploy_argv(ctx, p, work, name, float_ops) + _lowering_check(ctx, p)
     try:
         log = ctx.run(argv, cwd=work, what="model_deploy.py")
     except StageError as e:
@@ -655,7 +745,7 @@ def run_bundle(node: Node, ctx) -> dict:
             for graph, f in p["files"].items():
                 spec = GRAPHS[graph]
                 inputs = read_io(ctx.path(f["reference"]))[0] if i == 0 else \
-                    make_inputs(spec, p["dims"], p["batch"], seed=GATE_SEED + i)
+                    make_inputs(spec, p["dims"], p["batch"], seed=GATE_SEED + i, full_row=False)
                 raw.update({t.sample: inputs[t.name] for t in spec.inputs
                             if t.sample in ("image", "text_ids", "text_mask") and t.sample not in raw})
             samples.append(raw)
@@ -738,20 +828,25 @@ def _localized(ctx, p: dict, failure: StageError, float_ops=()) -> StageError:
     """The failure, with the op where the TPU dialect parts from the top MLIR named in it."""
     import json
 
-    from compile.localization import describe
-
     try:
         found, _ = localize_accuracy(ctx, p, float_ops)
     except StageError as e:
         ctx.log(f"accuracy localization failed: {e}")
         return failure
     ctx.log(f"accuracy localization ({found['compared']} tensors compared): {json.dumps(found)}")
-    said = describe(found, p["precision"])
-    if "first_off" not in found and GRAPHS[p["graph"]].discrete_outputs:
-        said = (f"every tensor up to the token choice meets the {p['precision']} rule (worst cosine "
-                f"{found['worst']['cosine']:.5f}): the tokens that differ are near ties between the best logits")
     lines = str(failure).splitlines()
-    return GateError("\n".join([f"{lines[0]}; {said}", *lines[1:]]), finding=found)
+    return GateError("\n".join([f"{lines[0]}; {_said(found, p)}", *lines[1:]]), finding=found)
+
+
+def _said(found: dict, p: dict) -> str:
+    """A localization's finding in one line; for a decoder whose tensors all meet the rule, why
+    its tokens still differ."""
+    from compile.localization import describe
+
+    if "first_off" not in found and GRAPHS[p["graph"]].discrete_outputs:
+        return (f"every tensor up to the token choice meets the {p['precision']} rule (worst cosine "
+                f"{found['worst']['cosine']:.5f}): the tokens that differ are near ties between the best logits")
+    return describe(found, p["precision"])
 
 
 def _decoder_gate(ctx, p: dict, spec, bmodel: Path, work: Path, file_of) -> dict:
