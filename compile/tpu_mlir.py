@@ -131,6 +131,12 @@ def bmodel_path(model: str, graph: str, chip: str, precision: str, batch: int) -
     return f"{model}/{chip.upper()}/{graph}_{chip}_{precision.lower()}_{batch}b.bmodel"
 
 
+def searched_bmodel_path(model: str, graph: str, chip: str, precision: str, batch: int) -> str:
+    """The mixed-precision search's own build with its final table, which the bmodel stage takes
+    instead of compiling and validating it a second time."""
+    return f"{_dir(model, graph, batch)}/{Path(bmodel_path(model, graph, chip, precision, batch)).stem}.searched.bmodel"
+
+
 def declare(plan, model, dims: dict, target, exported) -> None:
     settings = target.settings
     cells: dict[tuple, object] = {}  # (graph, precision, batch) -> bmodel node
@@ -180,7 +186,9 @@ def declare(plan, model, dims: dict, target, exported) -> None:
                 if mixed:  # the table is an artifact: searched again only when stale
                     deps += (plan.add(Node(
                         id=f"float_ops:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="float_ops",
-                        model=model.name, outputs={"float_ops": bmodel + ".float_ops.json"},
+                        model=model.name, outputs={"float_ops": bmodel + ".float_ops.json",
+                                                   "searched_bmodel": searched_bmodel_path(model.name, graph, target.name,
+                                                                                           precision, bs)},
                         action="compile.tpu_mlir:run_float_search", toolchain=NAME, deps=deps, labels=cell,
                         params={**compiled, **checked, "max_float_layers": settings["max_float_layers"]})).id,)
                 stages[precision].append(cells.setdefault((graph, precision, bs), plan.add(Node(
@@ -536,14 +544,22 @@ def _compiles(ctx, p: dict, float_ops, count: list, checked: bool = False, misse
     """Whether model_deploy makes a bmodel with these ops in F32; `checked`: and whether that
     bmodel passes what run_deploy holds it to (TPU-MLIR's comparison, the cmodel acceptance),
     each miss's first line appended to `misses`."""
+    import json
+
     count[0] += 1
     work = ctx.workdir(f"try{count[0]}")
     _link_weights(ctx, work)
     try:
-        ctx.run(_deploy_argv(ctx, p, work, "t.bmodel", float_ops) + (_lowering_check(ctx, p) if checked else []),
-                cwd=work, what=f"model_deploy.py ({'accuracy' if checked else 'crash'} search, try {count[0]})")
+        log = ctx.run(_deploy_argv(ctx, p, work, "t.bmodel", float_ops) + (_lowering_check(ctx, p) if checked else []),
+                      cwd=work, what=f"model_deploy.py ({'accuracy' if checked else 'crash'} search, try {count[0]})")
+        figures = {"tpu_mlir": _similarities(log)}
         if checked and p["simulate"]:
-            _accepted(ctx, p, work / "t.bmodel", work)
+            figures.update(_accepted(ctx, p, work / "t.bmodel", work))
+        # Every passing try narrows the search to its table, so the last one built the final table.
+        passed = ctx.workdir("passed")
+        shutil.move(work / "t.bmodel", passed / "t.bmodel")
+        (passed / "t.json").write_text(json.dumps({"float_ops": sorted(float_ops), "checked": checked,
+                                                   "figures": figures}))
         return True
     except StageError as e:
         if checked:
@@ -637,11 +653,30 @@ def run_float_search(node: Node, ctx) -> dict:
         accuracy.update(as_is=misses[0], localized=found, ops=searched["float_layers"], tries=searched["tries"])
     kinds = dict(ops)
     table = {"float_ops": kept, "types": {k: kinds.get(k) for k in kept}, **outright,
-             "compiles": count[0], "steps": steps, "accuracy": accuracy}
+             "compiles": count[0], "steps": steps, "accuracy": accuracy,
+             "bmodel": _searched_build(ctx, p, kept, accuracy["checked"], count)}
     ctx.tmp("float_ops").write_text(json.dumps(table, indent=1))
     return {"float_ops": kept, "integer_path": len(outright["integer_path"]), "mask_path": len(outright["mask_path"]),
             "compiles": count[0],
             "summary": f"{len(kept)} ops kept in F32{_why_kept(outright, kept, accuracy)}, {count[0]} compiles"}
+
+
+def _searched_build(ctx, p: dict, kept: list, checked: bool, count: list) -> dict:
+    """The search's last passing build, when it has the final table and was checked as the bmodel
+    stage checks (else one more compile), moved to the node's `searched_bmodel` output: its
+    sha256 and figures, for run_deploy to take it as its own."""
+    import json
+
+    from buildplan.files import sha256_file
+
+    passed = ctx.workdir("passed")
+    last = json.loads((passed / "t.json").read_text()) if (passed / "t.json").exists() else {}
+    if last.get("float_ops") != sorted(kept) or last.get("checked") != checked:
+        if not _compiles(ctx, p, kept, count, checked=checked):
+            raise StageError(f"mixed precision: the final table ({len(kept)} ops in F32) no longer builds and passes")
+        last = json.loads((passed / "t.json").read_text())
+    shutil.move(passed / "t.bmodel", ctx.tmp("searched_bmodel"))
+    return {"sha256": sha256_file(ctx.tmp("searched_bmodel")), "figures": last["figures"]}
 
 
 def _why_kept(outright: dict, kept: list, accuracy: dict) -> str:
@@ -659,10 +694,45 @@ def run_deploy(node: Node, ctx) -> dict:
     work = ctx.workdir()
     _link_weights(ctx, work)
     name = Path(node.outputs["bmodel"]).name
-    float_ops = json.loads(ctx.input("float_ops").read_text())["float_ops"] if p.get("mixed_precision") else []
-    argv = _deploy_argv(ctx, p, work, name, float_ops) + _lowering_check(ctx, p)
+    table = json.loads(ctx.input("float_ops").read_text()) if p.get("mixed_precision") else {}
+    float_ops = table.get("float_ops", [])
+    searched = _take_searched_build(ctx, table, work / name) if table else None
+    figures = searched if searched is not None else {"tpu_mlir": _deploy(ctx, p, work, name, float_ops)}
+    device = _within_device_memory(ctx, p, work, name, "use a step decoder (blip_cap_step, blip_vqa_tdec_step) or ")
+    if p["simulate"] and searched is None:
+        try:
+            figures.update(_accepted(ctx, p, work / name, work))
+        except GateError as e:
+            raise _localized(ctx, p, e, float_ops) from None
+    shutil.move(work / name, ctx.tmp("bmodel"))
+    return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device,
+            **({"acceptance": "tokens_vs_onnx"} if "tokens_vs_onnx" in figures else {}),
+            **({"float_ops": float_ops, "summary": f"mixed: {len(float_ops)} ops in F32"} if float_ops else {})}
+
+
+def _take_searched_build(ctx, table: dict, bmodel: Path) -> dict | None:
+    """The mixed-precision search's build of this very table, checked as run_deploy checks, copied
+    to `bmodel`: its figures. None (compile it here) when that file is not the one the search made."""
+    from buildplan.files import sha256_file
+
+    searched = ctx.input("searched_bmodel")
+    built = table.get("bmodel") or {}
+    if not searched.is_file() or sha256_file(searched) != built.get("sha256"):
+        ctx.log(f"{searched} is not the search's build (sha256 {built.get('sha256')}): compiling")
+        return None
+    shutil.copyfile(searched, bmodel)
+    ctx.log(f"the search's build of this table, already checked: {searched}")
+    return built["figures"]
+
+
+def _deploy(ctx, p: dict, work: Path, name: str, float_ops: list) -> list[dict]:
+    """model_deploy of the bmodel into work/name: TPU-MLIR's own comparisons, where it makes them.
+    Below F32 a crash is localized to its op; a failed comparison, to its layer."""
+    import json
+
     try:
-        log = ctx.run(argv, cwd=work, what="model_deploy.py")
+        log = ctx.run(_deploy_argv(ctx, p, work, name, float_ops) + _lowering_check(ctx, p), cwd=work,
+                      what="model_deploy.py")
     except StageError as e:
         if p["precision"] == "F32" or float_ops:
             raise
@@ -673,17 +743,7 @@ def run_deploy(node: Node, ctx) -> dict:
         raise StageError(f"{str(e).splitlines()[0]} {found['why']} ({found['compiles']} compiles to find it); "
                          "mixed_precision: auto keeps such ops in F32\n" + "\n".join(str(e).splitlines()[1:]),
                          finding={"crash": found}) from None
-    figures = {"tpu_mlir": _similarities(log)}
-    device = _within_device_memory(ctx, p, work, name, "use a step decoder (blip_cap_step, blip_vqa_tdec_step) or ")
-    if p["simulate"]:
-        try:
-            figures.update(_accepted(ctx, p, work / name, work))
-        except GateError as e:
-            raise _localized(ctx, p, e, float_ops) from None
-    shutil.move(work / name, ctx.tmp("bmodel"))
-    return {"figures": figures, "simulated": bool(p["simulate"]), "device_memory": device,
-            **({"acceptance": "tokens_vs_onnx"} if "tokens_vs_onnx" in figures else {}),
-            **({"float_ops": float_ops, "summary": f"mixed: {len(float_ops)} ops in F32"} if float_ops else {})}
+    return _similarities(log)
 
 
 def run_combine(node: Node, ctx) -> dict:

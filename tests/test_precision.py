@@ -169,7 +169,20 @@ def test_a_toolchain_crash_names_its_op_and_mixed_precision_compiles_around_it(t
     assert rec["float_ops"] == outright + [crash["op"]] and crash["op"] not in outright
     assert any("attention/self/Add" in op for op in table["mask_path"])
     assert rec["figures"]["bmodel_vs_onnx"]["cosine"] >= 0.95
+    _assert_takes_the_searched_build(root, "r.blip_itm.bm1684x.INT8.1b", table)
     assert executed(doit(cfg)) == []
+
+
+def _assert_takes_the_searched_build(root, cell: str, table: dict):
+    """The search's last passing try built and checked the final table: the bmodel stage takes that
+    file instead of compiling and validating it again."""
+    from buildplan.files import sha256_file
+
+    bmodel = json.loads((root / f".state/bmodel__{cell}.json").read_text())
+    built = root / json.loads((root / f".state/float_ops__{cell}.json").read_text())["roles"]["searched_bmodel"]
+    assert sha256_file(built) == table["bmodel"]["sha256"] == bmodel["outputs"][bmodel["roles"]["bmodel"]]["sha256"]
+    assert bmodel["figures"] == table["bmodel"]["figures"]
+    assert "model_deploy.py" not in (root / bmodel["log"]).read_text()
 
 
 def _overflowing_checkpoint(tmp_path):
@@ -242,6 +255,7 @@ def test_an_f16_accuracy_miss_passes_with_the_layers_it_localizes_kept_in_f32(tm
     assert rec["float_ops"] == table["float_ops"]
     figures = rec["figures"]["bmodel_vs_onnx"]  # on the cmodel, under F16's unchanged rule
     assert figures["cosine"] >= acceptance.ACCEPT["F16"][0] and figures["rel_max_abs"] <= acceptance.ACCEPT["F16"][1]
+    _assert_takes_the_searched_build(root, "c.blip_cap_venc.bm1684x.F16.1b", table)
     assert executed(doit(cfg)) == []
     proc = doit(budget(len(searched) - 1), check=False, timeout=1800) if len(searched) > 1 else None
     if proc is not None:  # one op fewer than the search kept cannot pass: it says so
