@@ -35,6 +35,12 @@ def _float_tensors(model) -> dict[str, int]:
 
 
 def _run_with_outputs(model, feeds: dict, names: list[str], types: dict[str, int]) -> dict[str, np.ndarray]:
+    session, wanted = _session_with_outputs(model, names, types)
+    return dict(zip(wanted, session.run(wanted, feeds), strict=True))
+
+
+def _session_with_outputs(model, names: list[str], types: dict[str, int]):
+    """A session of `model` with the activations `names` made outputs, and those it can give."""
     import onnx
     import onnxruntime as ort
 
@@ -47,8 +53,7 @@ def _run_with_outputs(model, feeds: dict, names: list[str], types: dict[str, int
     options.log_severity_level = 3
     session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
     available = {o.name for o in session.get_outputs()}
-    wanted = [n for n in names if n in available]
-    return dict(zip(wanted, session.run(wanted, feeds), strict=True))
+    return session, [n for n in names if n in available]
 
 
 def mask_path(onnx_file, samples) -> list[str]:
@@ -65,9 +70,10 @@ def mask_path(onnx_file, samples) -> list[str]:
     names = [o for node in model.graph.node for o in node.output if o in types]
     carrying: set[str] = set()
     for start in range(0, len(names), CHUNK):
+        session, wanted = _session_with_outputs(model, names[start:start + CHUNK], types)  # one per chunk, every sample
         for feeds in samples:
-            got = _run_with_outputs(model, feeds, names[start:start + CHUNK], types)
-            carrying |= {k for k, v in got.items() if v.size and float(np.abs(v).max()) >= MASK_MAGNITUDE}
+            got = zip(wanted, session.run(wanted, feeds), strict=True)
+            carrying |= {k for k, v in got if v.size and float(np.abs(v).max()) >= MASK_MAGNITUDE}
     return [n.name for n in model.graph.node if carrying.intersection([*n.output, *n.input])]
 
 
