@@ -519,7 +519,38 @@ def kept_outright(ctx, p: dict) -> dict[str, list[str]]:
         carrying = {n for n, m in magnitude.items() if m >= MASK_MAGNITUDE and n not in integers}
         masks = [g["node"] for g in graph if g["node"] not in integers
                  and (g["node"] in carrying or carrying.intersection(g["inputs"]))]
+        masks += _fused_attention_names(graph, set(masks))
     return {"integer_path": integers, "mask_path": masks}
+
+
+# What kept_outright keeps, each with why (for the log).
+OUTRIGHT = {"integer_path": "carry whole numbers beyond {limit} (token ids, positions)",
+            "mask_path": "produce or read additive masks"}
+
+
+def _fused_attention_names(graph: list[dict], masks: set) -> list[str]:
+    """The output projection of each attention whose mask path is kept in F32. TPU-MLIR (bm1684x)
+    fuses an attention, from its q/k/v projections through softmax(q.k * scale + mask).v to the
+    output projection, into one Attention op named after that projection, so the quantize table's
+    entries for the mask Add and the Softmax no longer name anything and the fused op computes the
+    masked scores in INT8 (tiny blip_vqa_tdec_step: the padded question's answer is the unpadded
+    one's). Keeping the op the fusion is named after keeps the whole attention in F32."""
+    readers: dict[str, list[dict]] = {}
+    for g in graph:
+        for name in g["inputs"]:
+            readers.setdefault(name, []).append(g)
+    named = []
+    for softmax in (g for g in graph if g["op"] == "Softmax" and g["node"] in masks):
+        op = softmax
+        while len(readers.get(op["node"], ())) == 1:  # probs.v, the heads merged back, the projection
+            op = readers[op["node"]][0]
+            if op["op"] == "MatMul" and op is not readers[softmax["node"]][0]:
+                if op["node"] not in masks:
+                    named.append(op["node"])
+                break
+            if op["op"] not in ("MatMul", "Reshape", "Permute"):
+                break
+    return named
 
 
 def _deploy_argv(ctx, p: dict, work: Path, name: str, float_ops=()) -> list[str]:
@@ -628,11 +659,11 @@ def run_float_search(node: Node, ctx) -> dict:
     p = node.params
     ops = top_ops(ctx.input("mlir").read_text())
     outright = kept_outright(ctx, p)
-    unbudgeted = outright["integer_path"] + outright["mask_path"]
-    for path, what in (("integer_path", f"carry whole numbers beyond {EXACT_INTEGERS[p['precision']]} (token ids, "
-                                        "positions)"), ("mask_path", "produce or read additive masks")):
+    unbudgeted = [op for path in OUTRIGHT for op in outright[path]]
+    for path, what in OUTRIGHT.items():
         if outright[path]:
-            ctx.log(f"mixed precision: {len(outright[path])} ops {what}: kept in F32 outright: {', '.join(outright[path])}")
+            ctx.log(f"mixed precision: {len(outright[path])} ops {what.format(limit=EXACT_INTEGERS[p['precision']])}: kept in F32 "
+                    f"outright: {', '.join(outright[path])}")
     count, kept, steps = [0], list(unbudgeted), []
     while not _compiles(ctx, p, kept, count):
         found = localize_crash(ctx, p, ops, kept, count, fails_as_is=True)
@@ -666,7 +697,7 @@ def run_float_search(node: Node, ctx) -> dict:
              "compiles": count[0], "steps": steps, "accuracy": accuracy,
              "bmodel": _searched_build(ctx, p, kept, accuracy["checked"], count)}
     ctx.tmp("float_ops").write_text(json.dumps(table, indent=1))
-    return {"float_ops": kept, "integer_path": len(outright["integer_path"]), "mask_path": len(outright["mask_path"]),
+    return {"float_ops": kept, **{path: len(outright[path]) for path in OUTRIGHT},
             "compiles": count[0],
             "summary": f"{len(kept)} ops kept in F32{_why_kept(outright, kept, accuracy)}, {count[0]} compiles"}
 
@@ -691,8 +722,8 @@ def _searched_build(ctx, p: dict, kept: list, checked: bool, count: list) -> dic
 
 def _why_kept(outright: dict, kept: list, accuracy: dict) -> str:
     searched = len(accuracy.get("ops", ()))
-    parts = [f"{len(outright['integer_path'])} on the integer path", f"{len(outright['mask_path'])} on the mask path",
-             f"{len(kept) - searched - len(outright['integer_path']) - len(outright['mask_path'])} for a crash",
+    paths = [f"{len(outright[path])} on the {path.replace('_', ' ')}" for path in OUTRIGHT]
+    parts = [*paths, f"{len(kept) - searched - sum(len(outright[path]) for path in OUTRIGHT)} for a crash",
              f"{searched} for accuracy"]
     return f" ({', '.join(p for p in parts if not p.startswith('0 '))})" if kept else ""
 

@@ -291,6 +291,32 @@ def test_int8_keeps_the_additive_masks_in_f32(tmp_path):
 
 
 @pytest.mark.tpu_mlir
+def test_int8_keeps_a_fused_masked_attention_whole_in_f32(tmp_path):
+    """On bm1684x TPU-MLIR fuses an attention into one op named after its output projection, which
+    the quantize table's mask Add and Softmax entries then miss: the answer decoder's INT8
+    cross-attention parted from the float one on the question's mask. Keeping the projection keeps
+    the fused op in F32, so the lowering's first op off is no longer inside an attention."""
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", [{
+        "name": "v", "task": "vqa", "checkpoint": {"synthetic": "tiny", "seed": 2}, "graphs": ["blip_vqa_tdec_step"],
+        "calibration": {"samples": 4},
+        "targets": {"bm1684x": {"precisions": ["INT8"], "mixed_precision": "auto", "max_float_layers": 1}}}], root)
+    doit(cfg, check=False, timeout=1800)
+    table_file = root / "v/BM1684X/blip_vqa_tdec_step_bm1684x_int8_1b.bmodel.float_ops.json"
+    if table_file.exists():
+        table = json.loads(table_file.read_text())
+        first_off = table["accuracy"].get("localized", {}).get("first_off")
+    else:
+        table = json.loads((root / ".state/failed/float_ops__v.blip_vqa_tdec_step.bm1684x.INT8.1b.json").read_text())
+        table = table["finding"]
+        first_off = table["first_off"]
+    layers = "/text_decoder/bert/encoder/layer."
+    assert {f"{layers}{i}/{block}/output/dense/Add_output_0_Add" for i in (0, 1)
+            for block in ("attention", "crossattention")} <= set(table["mask_path"])
+    assert first_off is None or "attention" not in first_off["node"], first_off
+
+
+@pytest.mark.tpu_mlir
 def test_step_decoders_below_f32_are_held_to_token_agreement_over_many_inputs(tmp_path):
     """F16 keeps every decision of the tiny caption decoder within the agreement rule; BF16 flips
     near ties (every tensor still within its rule) and misses it, saying so."""
