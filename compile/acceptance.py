@@ -55,15 +55,11 @@ def calibration_samples(node, ctx, spec, dims: dict, batch: int):
     accuracy). Every backend calibrates on the same ones."""
     import numpy as np
 
-    from export.samples import make_inputs
+    from export.samples import make_inputs, unpack
 
     if node.params.get("real_data"):
         with np.load(ctx.input("calibration_set")) as z:
-            samples: dict[str, dict] = {}
-            for key in z.files:
-                index, name = key.split("/", 1)
-                samples.setdefault(index, {})[name] = z[key]
-        yield from (samples[k] for k in sorted(samples, key=int))
+            yield from unpack(z)
     elif node.sources:
         for src in node.sources:
             with np.load(src) as z:

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(_HERE))
 from export.decoding import greedy_loop, task_loop  # noqa: E402
+from export.samples import unpack  # noqa: E402
 from tools import model_runner  # noqa: E402
 
 
@@ -76,11 +77,8 @@ class LoadedBmodel:
 
 def main(bmodel: str, samples: str, settings: str, loops: str, out: str) -> None:
     loop = json.loads(settings)
-    feeds: dict[str, dict] = {}
     with np.load(samples) as z:
-        for key in z.files:
-            index, name = key.split("/", 1)
-            feeds.setdefault(index, {})[name] = z[key]
+        feeds = unpack(z)
     net = LoadedBmodel(bmodel)
     results, calls = {}, 0
 
@@ -89,9 +87,9 @@ def main(bmodel: str, samples: str, settings: str, loops: str, out: str) -> None
         calls += 1
         return net(f)
 
-    for index, sample in sorted(feeds.items(), key=lambda kv: int(kv[0])):
+    for index, sample in enumerate(feeds):
         results.update({f"{index}/{k}": v for k, v in enumerate(run(sample))})
-        if loop and int(index) < int(loops):
+        if loop and index < int(loops):
             results[f"{index}/loop"] = greedy_loop(lambda f: run(f)[0], sample, **loop)
     np.savez(out, **{k: np.asarray(v) for k, v in results.items()})
     print(f"cmodel: {len(feeds)} samples, {calls} bmodel calls")
@@ -101,16 +99,13 @@ def main_task(bundle: str, raw: str, chain: str, settings: str, out: str) -> Non
     chain_ = json.loads(chain)
     nets = {g["name"]: LoadedBmodel(bundle, g["name"]) for g in chain_}
     names = {g["name"]: g["outputs"] for g in chain_}
-    samples: dict[str, dict] = {}
     with np.load(raw) as z:
-        for key in z.files:
-            index, kind = key.split("/", 1)
-            samples.setdefault(index, {})[kind] = z[key]
+        samples = unpack(z)
 
     def call(graph, feeds):
         return dict(zip(names[graph], nets[graph](feeds), strict=True))
 
-    ids = {f"{i}/loop": task_loop(call, sample, chain_, json.loads(settings)) for i, sample in samples.items()}
+    ids = {f"{i}/loop": task_loop(call, sample, chain_, json.loads(settings)) for i, sample in enumerate(samples)}
     np.savez(out, **ids)
     print(f"cmodel task: {len(ids)} samples through {', '.join(nets)}")
 

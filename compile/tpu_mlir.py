@@ -825,7 +825,7 @@ def run_bundle(node: Node, ctx) -> dict:
     from compile.acceptance import GATE_LOOPS, GATE_SEED
     from export.decoding import task_loop
     from export.reference import read_io
-    from export.samples import make_inputs
+    from export.samples import make_inputs, pack
 
     p = node.params
     work = ctx.workdir()
@@ -860,7 +860,7 @@ def run_bundle(node: Node, ctx) -> dict:
             return dict(zip(outputs[graph], sessions[graph].run(outputs[graph], feeds), strict=True))
 
         want = [task_loop(on_onnx, raw, p["chain"], p["loop"]) for raw in samples]
-        np.savez(work / "raw.npz", **{f"{i}/{k}": v for i, raw in enumerate(samples) for k, v in raw.items()})
+        np.savez(work / "raw.npz", **pack(samples))
         ctx.run(["python", str(Path(__file__).with_name("cmodel_runs.py")), "--task", name, "raw.npz",
                  json.dumps(p["chain"]), json.dumps(p["loop"]), "task_ids.npz"], cwd=work,
                 what=f"the {p['task']} task from {name} on the cmodel")
@@ -986,7 +986,9 @@ def _cmodel_runs(ctx, spec, bmodel: Path, samples: list[dict], loop: dict | None
 
     import numpy as np
 
-    np.savez(work / "gate_samples.npz", **{f"{i}/{k}": v for i, sample in enumerate(samples) for k, v in sample.items()})
+    from export.samples import pack
+
+    np.savez(work / "gate_samples.npz", **pack(samples))
     ctx.run(["python", str(Path(__file__).with_name("cmodel_runs.py")), str(bmodel), str(work / "gate_samples.npz"),
              json.dumps(loop), str(loops), str(work / "gate_outputs.npz")], cwd=work,
             what=f"cmodel runs of the bmodel ({len(samples)} samples{f', {loops} greedy loops' if loop else ''})")

@@ -78,6 +78,8 @@ def run(node: Node, ctx) -> dict:
     import onnxruntime as ort
     from transformers import BertTokenizer
 
+    from export.samples import pack
+
     p = node.params
     spec, dims, bs = GRAPHS[p["graph"]], p["dims"], p["batch"]
     texts = read_texts(p["texts"])
@@ -87,7 +89,7 @@ def run(node: Node, ctx) -> dict:
     sessions = {name: ort.InferenceSession(str(ctx.path(onnx)), providers=["CPUExecutionProvider"])
                 for name, onnx in p["producers"].items()}
     shapes = spec.shapes(dims, bs)
-    samples: dict[str, np.ndarray] = {}
+    samples = []
     for i in range(p["samples"]):
         rows = [(i * bs + j) for j in range(bs)]
         image_batch = pixels([p["images"][r % len(p["images"])] for r in rows], dims["image_size"])
@@ -100,8 +102,8 @@ def run(node: Node, ctx) -> dict:
         for name, value in feeds.items():
             if list(value.shape) != shapes[name]:
                 raise StageError(f"calibration sample {i}: {name} has shape {list(value.shape)}, {spec.name} wants {shapes[name]}")
-            samples[f"{i}/{name}"] = value
-    np.savez(ctx.tmp("calibration_set"), **samples)
+        samples.append(feeds)
+    np.savez(ctx.tmp("calibration_set"), **pack(samples))
     return {"calibration": {"samples": p["samples"], "images": len(p["images"]), "texts": len(texts),
                             "producers": list(p["producers"])}}
 

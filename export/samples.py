@@ -45,3 +45,18 @@ def make_inputs(spec: GraphSpec, dims: dict, batch: int, seed: int = 0, full_row
         else:
             out[t.name] = rng.standard_normal(size=shape).astype(np.float32)
     return out
+
+
+def pack(samples) -> dict:
+    """Several samples in one .npz (what a subprocess or another stage reads): `<i>/<name>` holds
+    sample i's array `name`."""
+    return {f"{i}/{name}": value for i, sample in enumerate(samples) for name, value in sample.items()}
+
+
+def unpack(npz) -> list[dict]:
+    """pack's samples, in order, from an open .npz."""
+    samples: dict[int, dict] = {}
+    for key in npz.files:
+        index, name = key.split("/", 1)
+        samples.setdefault(int(index), {})[name] = npz[key]
+    return [samples[i] for i in sorted(samples)]
