@@ -90,7 +90,12 @@ def schema() -> dict:
             "graphs": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": graph_names}},
             "calibration": {"type": "object", "additionalProperties": False, "properties": {
                 "samples": {"type": "integer", "minimum": SAMPLES[0], "maximum": SAMPLES[1], "default": DEFAULT_SAMPLES},
-                "data": {"type": "string", "description": "a folder of .npz samples keyed by input name"}}},
+                "data": {"type": "string", "description": "a folder of .npz samples keyed by input name"},
+                "images": {"type": "string", "description": "a folder of images, preprocessed as BLIP does"},
+                "texts": {"type": "string", "description": "a file of captions or questions, one per line "
+                          "(VQA: `question<TAB>answer` also calibrates the answer decoder)"},
+                "tokenizer": {"type": "string", "description": "a folder with BERT's vocab.txt (default: the "
+                              "checkpoint folder)"}}},
             "targets": {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": targets},
         },
     }

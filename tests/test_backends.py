@@ -207,6 +207,10 @@ def test_schema_is_current_and_the_shipped_configs_follow_it(tmp_path):
         text = shipped.read_text()
         assert text.startswith("# yaml-language-server: $schema=models.schema.json"), shipped.name
         jsonschema.validate(yaml.safe_load(text), schema)
+    # every key the config loader takes is in the schema: calibration from images and texts too
+    real = yaml.safe_load((REPO / "models.yaml").read_text())
+    real["models"][0]["calibration"] = {"samples": 4, "images": "images", "texts": "captions.txt", "tokenizer": "tok"}
+    jsonschema.validate(real, schema)
     bad = yaml.safe_load((REPO / "models.yaml").read_text())
     bad["models"][0]["targets"]["cpu"][0]["precisions"] = ["F16"]  # a precision ONNX Runtime has no path for
     with pytest.raises(jsonschema.ValidationError):
