@@ -84,20 +84,42 @@ DECODER_GATES = ("agreement", "exact")
 GATE_SEED = 7000  # sample seeds GATE_SEED + 1.. (calibration uses 1000+, the export stage 0-1)
 
 
-def token_gate(spec, precision: str, rule: str, dims: dict) -> dict | None:
-    """The node parameters of a decoder's agreement gate, or None when the exact rule applies."""
+def token_gate(spec, precision: str, rule: str, dims: dict, real_samples=lambda: None) -> tuple[dict | None, tuple]:
+    """The node parameters of a decoder's agreement gate (None when the exact rule applies), and
+    what the node then depends on: `real_samples()`, called only for a gate, gives the node of
+    samples made from the model's images and texts (gate_samples), or None."""
     if not spec.discrete_outputs or precision == "F32" or rule == "exact":
-        return None
+        return None, ()
+    real = real_samples()
     # An unrolled decoder's call is a whole sequence: as many inputs as a step decoder's loops.
     return {"rule": "agreement", "min_share": TOKEN_AGREEMENT[precision],
             "samples": GATE_SAMPLES if spec.decoding else GATE_LOOPS, "loops": GATE_LOOPS if spec.decoding else 0,
-            "dims": dims}
+            "dims": dims, **({"real_data": True} if real else {})}, (real,) if real else ()
 
 
-def gate_inputs(spec, gate: dict, batch: int, first: dict) -> list[dict]:
-    """The agreement gate's inputs: the reference file's sample first, then seeded ones."""
-    from export.samples import make_inputs
+def gate_samples(model, exported, graph: str, batch: int) -> str | None:
+    """The node of samples made from the model's images and texts, as BLIP makes its inputs, that a
+    decoder's agreement gate runs on; None (synthetic inputs) when the model has no images or does
+    not export the graphs that compute the decoder's feature inputs from them. A decoder's choices
+    on random features are as uncertain as its weights allow; on real data they are what ships."""
+    from export.specs import producers
 
+    if not model.calibration.get("images") or any(g not in model.graphs for g in producers(graph)):
+        return None
+    return exported.calibration(graph, batch)
+
+
+def gate_inputs(spec, gate: dict, batch: int, first: dict, file_of) -> list[dict]:
+    """The agreement gate's inputs: with real data, the first of its samples (`file_of` the role
+    "calibration_set"), as many as the gate takes; else the reference file's sample, then seeded
+    synthetic ones."""
+    import numpy as np
+
+    from export.samples import make_inputs, unpack
+
+    if gate.get("real_data"):
+        with np.load(file_of("calibration_set")) as z:
+            return unpack(z)[:gate["samples"]]
     return [first] + [make_inputs(spec, gate["dims"], batch, seed=GATE_SEED + i, full_row=False) for i in range(1, gate["samples"])]
 
 

@@ -9,12 +9,14 @@ per-precision rule as a bmodel.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 from buildplan.core import GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, installed_versions, memoised, short_sha
+
 from compile.acceptance import (ACCEPT, DECODER_GATES, accept, accept_tokens, calibration_inputs, calibration_samples,
-                                gate_inputs, onnx_runs, token_gate)
+                                gate_inputs, gate_samples, onnx_runs, token_gate)
 from export.specs import GRAPHS
 
 NAME = "onnxruntime"
@@ -70,14 +72,15 @@ def declare(plan, model, dims: dict, target, exported) -> None:
             simplified = exported.fixed(graph, bs)
             for precision in target.settings["precisions"]:
                 int8 = precision == "INT8"
-                gate = token_gate(GRAPHS[graph], precision, target.settings["decoder_gate"], dims)
+                gate, gate_deps = token_gate(GRAPHS[graph], precision, target.settings["decoder_gate"], dims,
+                                             partial(gate_samples, model, exported, graph, bs))
                 gated = {"token_gate": gate} if gate else {}
                 labels = {"graph": graph, "batch": bs, "target": target.name, "precision": precision}
-                calibration, sources, deps = {}, (), (simplified,)
+                calibration, sources, deps = {}, (), (simplified, *gate_deps)
                 if int8:
                     calibration, sources, cal_deps = calibration_inputs(model, exported, graph, bs)
                     calibration["dims"] = dims
-                    deps += cal_deps
+                    deps += tuple(d for d in cal_deps if d not in deps)
                 if int8 and mixed:  # the search's answer is an artifact: searched again only when stale
                     deps += (plan.add(Node(
                         id=f"float_layers:{model.name}.{graph}.{target.name}.{precision}.{bs}b", stage="float_layers",
@@ -146,7 +149,7 @@ class Acceptance:
         self.gate = node.params.get("token_gate")
         if self.gate:
             self.loop = loop_settings(spec, self.gate["dims"]) if spec.decoding else None
-            self.samples = gate_inputs(spec, self.gate, node.params["batch"], inputs)
+            self.samples = gate_inputs(spec, self.gate, node.params["batch"], inputs, ctx.input)
             self.want = onnx_runs(ctx.input("onnx"), spec, self.samples, self.loop, self.gate["loops"])
 
     def evaluate(self, model_file: Path) -> tuple[dict | None, str | None]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import glob
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 from buildplan.core import ConfigError, GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, memoised, short_sha
 from compile.acceptance import (ACCEPT, DECODER_GATES, accept, accept_tokens, calibration_inputs, calibration_samples,
-                                gate_inputs, onnx_runs, token_gate)
+                                gate_inputs, gate_samples, onnx_runs, token_gate)
 from export.decoding import loop_settings
 from export.specs import GRAPHS, TASK_BUNDLES, task_chain
 
@@ -182,11 +183,12 @@ def declare(plan, model, dims: dict, target, exported) -> None:
             for precision in settings["precisions"]:
                 bmodel = bmodel_path(model.name, graph, target.name, precision, bs)
                 # the simplified graph too: its .io.npz is what the bmodel is accepted against
-                deps = (transform.id, simplified) + ((calibration.id,) if precision == "INT8" else ())
+                gate, gate_deps = token_gate(spec, precision, settings["decoder_gate"], dims,
+                                             partial(gate_samples, model, exported, graph, bs))
+                deps = (transform.id, simplified, *gate_deps) + ((calibration.id,) if precision == "INT8" else ())
                 mixed = settings["mixed_precision"] == "auto" and precision != "F32"
                 cell = {**labels, "target": target.name, "precision": precision}
                 compiled = {"graph": graph, "batch": bs, "chip": target.name, "precision": precision}
-                gate = token_gate(spec, precision, settings["decoder_gate"], dims)
                 # what a bmodel is checked by; the search's tries are checked alike
                 lowering_only = settings["check_lowering"] and not settings["simulate"]
                 checked = {"simulate": settings["simulate"], "tolerance": lowering_tolerance(precision, lowering_only),
@@ -263,15 +265,18 @@ def _declare_combined(plan, model, graph: str, target, precision: str, parts: li
     files = []
     for part in parts:
         transform, simplified = part.deps[0], part.deps[1]
+        real = [plan.nodes[d].outputs["calibration_set"] for d in part.deps if plan.nodes[d].stage == "calibration_set"]
         files.append({"batch": part.params["batch"], "bmodel": part.outputs["bmodel"],
                       "test_input": plan.nodes[transform].outputs["test_input"],
-                      "reference": plan.nodes[simplified].outputs["reference"], "onnx": plan.nodes[simplified].outputs["onnx"]})
+                      "reference": plan.nodes[simplified].outputs["reference"], "onnx": plan.nodes[simplified].outputs["onnx"],
+                      **({"calibration_set": real[0]} if real else {})})
     first = parts[0].params
     plan.add(Node(
         id=f"combine:{model.name}.{graph}.{target.name}.{precision}", stage="combine", model=model.name,
         outputs={"bmodel": combined_path(model.name, graph, target.name, precision, [f["batch"] for f in files])},
         action="compile.tpu_mlir:run_combine", toolchain=NAME,
-        deps=tuple(dict.fromkeys(d for part in parts for d in (part.id, *part.deps[:2]))),
+        deps=tuple(dict.fromkeys(d for part in parts for d in (part.id, *part.deps[:2], *(
+            d for d in part.deps if plan.nodes[d].stage == "calibration_set")))),
         params={**{k: v for k, v in first.items() if k not in ("batch", "mixed_precision", "tolerance")}, "parts": files},
         labels={"graph": graph, "batch": [f["batch"] for f in files], "target": target.name, "precision": precision}),
         f"compile:{target.name}")
@@ -961,7 +966,7 @@ def _decoder_gate(ctx, p: dict, spec, bmodel: Path, work: Path, file_of) -> dict
     inputs, reference = read_io(io_file)
     gate, loop = p.get("token_gate"), p.get("loop")
     if gate:
-        samples, loops = gate_inputs(spec, gate, p["batch"], inputs), gate["loops"]
+        samples, loops = gate_inputs(spec, gate, p["batch"], inputs, file_of), gate["loops"]
         want = onnx_runs(file_of("onnx"), spec, samples, loop, loops)
         got = _cmodel_runs(ctx, spec, bmodel, samples, None, 0, work)
         if loop:  # the single calls decide first: when they miss the rule, the loops' cmodel time is saved

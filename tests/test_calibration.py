@@ -148,6 +148,41 @@ def test_synthetic_calibration_and_gate_samples_have_padded_text_at_batch_size_1
     calibration = [s[mask] for s in calibration_samples(node, None, spec, dims, 1)]
     assert len(calibration) == 8 and sum(not m.all() for m in calibration) >= 4
     assert all(m[0, 0] == 1 for m in calibration)  # padding at the end, as the tokenizer pads
-    gate = token_gate(spec, "INT8", "agreement", dims)
-    padded = [not s[mask].all() for s in gate_inputs(spec, gate, 1, make_inputs(spec, dims, 1, seed=0))[1:]]
+    gate, _ = token_gate(spec, "INT8", "agreement", dims)
+    padded = [not s[mask].all() for s in gate_inputs(spec, gate, 1, make_inputs(spec, dims, 1, seed=0), None)[1:]]
     assert sum(padded) >= len(padded) // 2
+
+
+def test_decoder_gates_run_on_the_real_samples(tmp_path):
+    """With images and texts, a decoder's agreement gate (below F32) runs on the samples made from
+    them, as BLIP makes its inputs, not on random features; a decoder whose feature inputs the
+    model cannot compute from images keeps synthetic ones."""
+    from buildplan.plan import build_plan
+
+    images, texts, vocab = _data(tmp_path)
+    root = tmp_path / "artifacts"
+    targets = {"cpu": {"graphs": ["blip_vqa_venc", "blip_vqa_tenc", "blip_vqa_tdec_step"], "precisions": ["INT8"]},
+               "bm1684x": {"graphs": ["blip_vqa_tdec_step"], "precisions": ["F16"], "batch_sizes": [1, 2],
+                           "combine_batch_sizes": True}}
+    cfg = write_config(tmp_path / "models.yaml", [_model(images, texts, vocab, targets)], root)
+    plan = build_plan(config.load(cfg))
+    real = "calibration_set:vqa.blip_vqa_tdec_step.1b"
+    for node in ("ort:vqa.blip_vqa_tdec_step.cpu.INT8.1b", "bmodel:vqa.blip_vqa_tdec_step.bm1684x.F16.1b"):
+        assert plan.nodes[node].params["token_gate"]["real_data"] and real in plan.nodes[node].deps, node
+    combined = plan.nodes["combine:vqa.blip_vqa_tdec_step.bm1684x.F16"]
+    assert {real, "calibration_set:vqa.blip_vqa_tdec_step.2b"} <= set(combined.deps)
+    assert not plan.nodes["ort:vqa.blip_vqa_venc.cpu.INT8.1b"].params.get("token_gate")
+    doit(cfg, "ort:vqa.blip_vqa_tdec_step.cpu.INT8.1b", check=False, timeout=900)
+    done = root / ".state/ort__vqa.blip_vqa_tdec_step.cpu.INT8.1b.json"
+    if done.exists():
+        figures = json.loads(done.read_text())["figures"]["tokens_vs_onnx"]
+        assert figures["samples"] == 2 and figures["sequences"] == 2  # the two real samples, both looped
+    else:
+        marker = json.loads((root / ".state/failed/ort__vqa.blip_vqa_tdec_step.cpu.INT8.1b.json").read_text())
+        assert "over 2 inputs" in marker["error"], marker
+    # without the encoders, the answer decoder's question states cannot be made from the images
+    alone = _model(images, texts, vocab, {"cpu": {"graphs": ["blip_vqa_tdec_step"], "precisions": ["F32"]},
+                                          "bm1684x": {"precisions": ["F16"]}}, graphs=("blip_vqa_tdec_step",))
+    plan = build_plan(config.load(write_config(tmp_path / "alone.yaml", [alone], root)))
+    gate = plan.nodes["bmodel:vqa.blip_vqa_tdec_step.bm1684x.F16.1b"].params["token_gate"]
+    assert "real_data" not in gate and not [n for n in plan.nodes if n.startswith("calibration_set:")]

@@ -79,10 +79,10 @@ def _runs(sequences, next_ids):
 @pytest.mark.unit
 def test_the_token_agreement_rule_counts_identical_sequences_and_next_token_choices():
     step, unrolled = GRAPHS["blip_cap_step"], GRAPHS["blip_cap"]
-    assert acceptance.token_gate(step, "F32", "agreement", {}) is None  # F32 keeps exact equality
-    assert acceptance.token_gate(step, "INT8", "exact", {}) is None  # selectable below F32
-    assert acceptance.token_gate(GRAPHS["blip_cap_venc"], "INT8", "agreement", {}) is None  # not a decoder
-    assert acceptance.token_gate(step, "BF16", "agreement", {})["min_share"] == acceptance.TOKEN_AGREEMENT["BF16"]
+    assert acceptance.token_gate(step, "F32", "agreement", {})[0] is None  # F32 keeps exact equality
+    assert acceptance.token_gate(step, "INT8", "exact", {})[0] is None  # selectable below F32
+    assert acceptance.token_gate(GRAPHS["blip_cap_venc"], "INT8", "agreement", {})[0] is None  # not a decoder
+    assert acceptance.token_gate(step, "BF16", "agreement", {})[0]["min_share"] == acceptance.TOKEN_AGREEMENT["BF16"]
     rng = np.random.default_rng(0)
     want = [list(rng.integers(1000, 2000, size=12)) for _ in range(10)]
     nxt = [list(rng.integers(1000, 2000, size=12)) for _ in range(10)]
