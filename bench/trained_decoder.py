@@ -1,14 +1,17 @@
-"""A tiny captioning checkpoint whose decoder has been trained, in BLIP's key layout: for measuring
-the token gates on a decoder whose choices are not near ties (docs/precision.md).
+"""A tiny captioning checkpoint whose decoder has been trained, in BLIP's key layout, and the
+images, captions and tokenizer it was trained on: for measuring the token gates on a decoder
+whose choices are not near ties (docs/precision.md).
 
-    .venv/bin/python bench/trained_decoder.py OUT.pth [--seed 1] [--steps 400]
+    .venv/bin/python bench/trained_decoder.py OUT.pth DATA_DIR [--seed 1] [--steps 400]
 
-Starts from the synthetic tiny checkpoint (`checkpoint: {synthetic: tiny, seed: 1}`) and trains
-the whole model with BLIP's captioning loss (the prompt "a picture of " masked out, label
-smoothing 0.1 as in transformers' BLIP) on synthetic pairs: random images, each with a caption
-of 6 to 12 words drawn from 300 word ids. A few minutes on 2 cores. Synthetic random weights
-give nearly flat logits (bench/logit_margins.py); trained ones are peaked, as a released
-checkpoint's are. The result is not a captioner: it only has a trained decoder's confidence.
+Writes DATA_DIR/images (32 small PNGs), DATA_DIR/captions.txt (one caption per image, in file
+order) and DATA_DIR/tokenizer/vocab.txt (BERT's special and prompt ids, 40 caption words), so a
+models.yaml can declare `calibration: {images, texts, tokenizer}` and the agreement gates run on
+these pairs, made as BLIP makes its inputs. Starts from the synthetic tiny checkpoint
+(`{synthetic: tiny, seed: 1}`) and trains the whole model with BLIP's captioning loss (the
+prompt "a picture of " masked out) on the same preprocessing: a minute or two on 2 cores. The
+result is not a captioner; it has a trained decoder's confidence on its data, which random
+weights lack (bench/logit_margins.py).
 """
 import argparse
 import sys
@@ -20,30 +23,63 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def pairs(count: int, dims: dict, seed: int):
-    """Images [count, 3, H, W] and token ids / attention masks / labels [count, max_length]."""
-    import numpy as np
-    import torch
+WORDS = ["red", "blue", "green", "yellow", "black", "white", "dog", "cat", "bird", "horse", "car", "boat", "man",
+         "woman", "child", "sitting", "standing", "running", "lying", "flying", "on", "in", "near", "under", "the",
+         "grass", "water", "road", "beach", "snow", "table", "bed", "with", "and", "two", "small", "large", "old",
+         "young", "field"]
 
-    from export.presets import PAD_ID, SEP_ID
+
+def write_data(folder: Path, seed: int, count: int = 32) -> None:
+    """Images, one caption per image (in the images' sorted order) and a BERT-like vocab.txt whose
+    ids match BLIP's prompt ("a picture of ": 1037 3861 1997) and special tokens."""
+    import numpy as np
+    from PIL import Image
+
+    from export.presets import CAPTION_PROMPT_IDS, CLS_ID, PAD_ID, SEP_ID
 
     rng = np.random.default_rng(seed)
-    size, loop = dims["image_size"], dims["caption"]
-    images = rng.uniform(-1.8, 2.2, size=(count, 3, size, size)).astype(np.float32)
-    words = rng.choice(np.arange(2000, 8000), size=300, replace=False)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    captions = []
+    for i in range(count):
+        blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)  # a coarse colour pattern per image
+        Image.fromarray(np.kron(blocks, np.ones((24, 24, 1), dtype=np.uint8))).save(folder / f"images/{i:03d}.png")
+        captions.append(" ".join(rng.choice(WORDS, size=int(rng.integers(4, 10)))))
+    (folder / "captions.txt").write_text("\n".join(captions) + "\n")
+    vocab = [f"[unused{i}]" for i in range(30522)]
+    named = {PAD_ID: "[PAD]", 100: "[UNK]", CLS_ID: "[CLS]", SEP_ID: "[SEP]", 103: "[MASK]",
+             **dict(zip(CAPTION_PROMPT_IDS[1:], ("a", "picture", "of"), strict=True)),
+             **{2000 + k: w for k, w in enumerate(WORDS)}}
+    for index, token in named.items():
+        vocab[index] = token
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    (folder / "tokenizer/vocab.txt").write_text("\n".join(vocab) + "\n")
+
+
+def pairs(folder: Path, dims: dict):
+    """Pixels [n, 3, H, W] as BLIP preprocesses them, and token ids / attention masks / labels
+    [n, max_length] as the calibration samples write a caption: prompt, caption, [SEP]."""
+    import numpy as np
+    import torch
+    from transformers import BertTokenizer
+
+    from export.calibration_set import pixels
+    from export.datasets import image_files, read_texts
+
+    files, texts = image_files(str(folder / "images")), read_texts(str(folder / "captions.txt"))
+    tokenizer = BertTokenizer.from_pretrained(str(folder / "tokenizer"))
+    loop = dims["caption"]
     prompt = list(loop["prompt_ids"])
-    ids = np.full((count, loop["max_length"]), PAD_ID, dtype=np.int64)
-    for row in range(count):
-        caption = rng.choice(words, size=int(rng.integers(6, 13))).tolist()
-        text = (prompt + caption + [SEP_ID])[:loop["max_length"]]
-        ids[row, :len(text)] = text
-    mask = (ids != PAD_ID).astype(np.int64)
+    ids = np.full((len(files), loop["max_length"]), tokenizer.pad_token_id, dtype=np.int64)
+    for row, (text, _) in enumerate(texts[:len(files)]):
+        tokens = (prompt + tokenizer.encode(text, add_special_tokens=False) + [tokenizer.sep_token_id])[:loop["max_length"]]
+        ids[row, :len(tokens)] = tokens
+    mask = (ids != tokenizer.pad_token_id).astype(np.int64)
     labels = np.where(mask == 1, ids, -100)
     labels[:, :len(prompt)] = -100  # BLIP trains the caption, not its prompt
-    return [torch.from_numpy(a) for a in (images, ids, mask, labels)]
+    return [torch.from_numpy(a) for a in (pixels(list(files), dims["image_size"]), ids, mask, labels)]
 
 
-def train(seed: int, steps: int, count: int = 64, batch: int = 16):
+def train(folder: Path, seed: int, steps: int, batch: int = 16):
     import torch
 
     from export.loading import load_model, original_to_hf
@@ -55,7 +91,8 @@ def train(seed: int, steps: int, count: int = 64, batch: int = 16):
     with tempfile.TemporaryDirectory() as tmp:
         save(state, Path(tmp) / "start.pth")
         model, _ = load_model(str(Path(tmp) / "start.pth"), "pth", "captioning", dims)
-    images, ids, mask, labels = pairs(count, dims, seed)
+    images, ids, mask, labels = pairs(folder, dims)
+    count = len(ids)
     torch.manual_seed(seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -81,11 +118,15 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
+    ap.add_argument("data", help="a folder for the images, captions and tokenizer (written when absent)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--steps", type=int, default=400)
     args = ap.parse_args()
     started = time.monotonic()
-    save(train(args.seed, args.steps), args.out)
+    data = Path(args.data)
+    if not (data / "captions.txt").exists():
+        write_data(data, args.seed)
+    save(train(data, args.seed, args.steps), args.out)
     print(f"wrote {args.out} in {time.monotonic() - started:.0f} s")
 
 
