@@ -1,17 +1,18 @@
-"""A tiny captioning checkpoint whose decoder has been trained, in BLIP's key layout, and the
-images, captions and tokenizer it was trained on: for measuring the token gates on a decoder
+"""A tiny BLIP checkpoint (captioning or VQA) whose decoder has been trained, in BLIP's key layout,
+and the images, texts and tokenizer it was trained on: for measuring the token gates on a decoder
 whose choices are not near ties (docs/precision.md).
 
-    .venv/bin/python bench/trained_decoder.py OUT.pth DATA_DIR [--seed 1] [--steps 400]
+    .venv/bin/python bench/trained_decoder.py OUT.pth DATA_DIR [--task captioning|vqa] [--steps 400]
 
 Writes DATA_DIR/images (32 small PNGs), DATA_DIR/captions.txt (one caption per image, in file
-order) and DATA_DIR/tokenizer/vocab.txt (BERT's special and prompt ids, 40 caption words), so a
-models.yaml can declare `calibration: {images, texts, tokenizer}` and the agreement gates run on
-these pairs, made as BLIP makes its inputs. Starts from the synthetic tiny checkpoint
-(`{synthetic: tiny, seed: 1}`) and trains the whole model with BLIP's captioning loss (the
-prompt "a picture of " masked out) on the same preprocessing: a minute or two on 2 cores. The
-result is not a captioner; it has a trained decoder's confidence on its data, which random
-weights lack (bench/logit_margins.py).
+order), DATA_DIR/questions.txt (`question<TAB>answer` per image) and DATA_DIR/tokenizer/vocab.txt
+(BERT's special and prompt ids, 40 words), so a models.yaml can declare `calibration: {images,
+texts, tokenizer}` and the agreement gates run on these pairs, made as BLIP makes its inputs.
+Starts from the synthetic tiny checkpoint of the task (`{synthetic: tiny, seed}`) and trains the
+whole model with BLIP's loss (captioning: the prompt "a picture of " masked out; VQA: the answer
+after [DEC], the question with [ENC] in place of [CLS]) on the same preprocessing: a minute or two
+on 2 cores. The result is not a captioner; it has a trained decoder's confidence on its data,
+which random weights lack (bench/logit_margins.py).
 """
 import argparse
 import sys
@@ -39,12 +40,15 @@ def write_data(folder: Path, seed: int, count: int = 32) -> None:
 
     rng = np.random.default_rng(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    captions = []
+    captions, questions = [], []
     for i in range(count):
         blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)  # a coarse colour pattern per image
         Image.fromarray(np.kron(blocks, np.ones((24, 24, 1), dtype=np.uint8))).save(folder / f"images/{i:03d}.png")
         captions.append(" ".join(rng.choice(WORDS, size=int(rng.integers(4, 10)))))
+        question, answer = (" ".join(rng.choice(WORDS, size=int(n))) for n in rng.integers((4, 1), (9, 3)))
+        questions.append(f"{question}\t{answer}")
     (folder / "captions.txt").write_text("\n".join(captions) + "\n")
+    (folder / "questions.txt").write_text("\n".join(questions) + "\n")
     vocab = [f"[unused{i}]" for i in range(30522)]
     named = {PAD_ID: "[PAD]", 100: "[UNK]", CLS_ID: "[CLS]", SEP_ID: "[SEP]", 103: "[MASK]",
              **dict(zip(CAPTION_PROMPT_IDS[1:], ("a", "picture", "of"), strict=True)),
@@ -55,50 +59,62 @@ def write_data(folder: Path, seed: int, count: int = 32) -> None:
     (folder / "tokenizer/vocab.txt").write_text("\n".join(vocab) + "\n")
 
 
-def pairs(folder: Path, dims: dict):
-    """Pixels [n, 3, H, W] as BLIP preprocesses them, and token ids / attention masks / labels
-    [n, max_length] as the calibration samples write a caption: prompt, caption, [SEP]."""
+def batches(folder: Path, task: str, dims: dict) -> dict:
+    """The training set as the model's keyword arguments, [n, ...] each: pixels as BLIP preprocesses
+    them, and the text as the calibration samples write it. Captioning: prompt, caption, [SEP];
+    VQA: the question ([ENC] for [CLS], padded to the text length) and [DEC], answer, [SEP]."""
     import numpy as np
     import torch
     from transformers import BertTokenizer
 
     from export.calibration_set import pixels
     from export.datasets import image_files, read_texts
+    from export.presets import ENC_ID
 
-    files, texts = image_files(str(folder / "images")), read_texts(str(folder / "captions.txt"))
+    files = image_files(str(folder / "images"))
+    texts = read_texts(str(folder / ("captions.txt" if task == "captioning" else "questions.txt")))[:len(files)]
     tokenizer = BertTokenizer.from_pretrained(str(folder / "tokenizer"))
-    loop = dims["caption"]
+    loop = dims["caption" if task == "captioning" else "vqa_answer"]
     prompt = list(loop["prompt_ids"])
     ids = np.full((len(files), loop["max_length"]), tokenizer.pad_token_id, dtype=np.int64)
-    for row, (text, _) in enumerate(texts[:len(files)]):
-        tokens = (prompt + tokenizer.encode(text, add_special_tokens=False) + [tokenizer.sep_token_id])[:loop["max_length"]]
+    for row, (text, answer) in enumerate(texts):
+        target = text if task == "captioning" else answer
+        tokens = (prompt + tokenizer.encode(target, add_special_tokens=False) + [tokenizer.sep_token_id])[:loop["max_length"]]
         ids[row, :len(tokens)] = tokens
     mask = (ids != tokenizer.pad_token_id).astype(np.int64)
     labels = np.where(mask == 1, ids, -100)
-    labels[:, :len(prompt)] = -100  # BLIP trains the caption, not its prompt
-    return [torch.from_numpy(a) for a in (pixels(list(files), dims["image_size"]), ids, mask, labels)]
+    labels[:, :len(prompt)] = -100  # the prompt is given, not learnt
+    data = {"pixel_values": pixels(list(files), dims["image_size"])}
+    if task == "captioning":
+        data.update(input_ids=ids, attention_mask=mask, labels=labels)
+    else:
+        question = tokenizer([t for t, _ in texts], padding="max_length", truncation=True, max_length=dims["text_len"])
+        data.update(input_ids=np.asarray(question["input_ids"]), attention_mask=np.asarray(question["attention_mask"]),
+                    decoder_input_ids=ids, decoder_attention_mask=mask, labels=labels)
+        data["input_ids"][:, 0] = ENC_ID  # as BLIP's VQA model and the exported question encoder do
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in data.items()}
 
 
-def train(folder: Path, seed: int, steps: int, batch: int = 16):
+def train(folder: Path, task: str, seed: int, steps: int, batch: int = 16):
     import torch
 
     from export.loading import load_model, original_to_hf
     from export.presets import resolve_dims
     from export.synthetic import save, synthetic_state_dict
 
-    dims = resolve_dims("tiny", "captioning")
-    state = synthetic_state_dict("captioning", "tiny", seed)
+    dims = resolve_dims("tiny", task)
+    state = synthetic_state_dict(task, "tiny", seed)
     with tempfile.TemporaryDirectory() as tmp:
         save(state, Path(tmp) / "start.pth")
-        model, _ = load_model(str(Path(tmp) / "start.pth"), "pth", "captioning", dims)
-    images, ids, mask, labels = pairs(folder, dims)
-    count = len(ids)
+        model, _ = load_model(str(Path(tmp) / "start.pth"), "pth", task, dims)
+    data = batches(folder, task, dims)
+    count = len(data["labels"])
     torch.manual_seed(seed)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for step in range(steps):
         rows = torch.randint(0, count, (batch,))
-        loss = model(pixel_values=images[rows], input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+        loss = model(**{k: v[rows] for k, v in data.items()}).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -119,14 +135,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("data", help="a folder for the images, captions and tokenizer (written when absent)")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--task", default="captioning", choices=("captioning", "vqa"))
+    ap.add_argument("--seed", type=int, default=None, help="the synthetic checkpoint's (default: models.full.yaml's, "
+                    "captioning 1, vqa 2)")
     ap.add_argument("--steps", type=int, default=400)
     args = ap.parse_args()
     started = time.monotonic()
+    seed = args.seed if args.seed is not None else {"captioning": 1, "vqa": 2}[args.task]
     data = Path(args.data)
-    if not (data / "captions.txt").exists():
-        write_data(data, args.seed)
-    save(train(data, args.seed, args.steps), args.out)
+    if not (data / "questions.txt").exists():
+        write_data(data, seed)
+    save(train(data, args.task, seed, args.steps), args.out)
     print(f"wrote {args.out} in {time.monotonic() - started:.0f} s")
 
 

@@ -262,6 +262,25 @@ def test_an_f16_accuracy_miss_passes_with_the_layers_it_localizes_kept_in_f32(tm
         assert proc.returncode != 0 and "budget of" in proc.stdout and "float_ops:c.blip_cap_venc" in proc.stdout
 
 
+def _int8_step_table(tmp_path, task: str, graph: str, seed: int) -> tuple[dict, dict]:
+    """A tiny step decoder in INT8 on bm1684x, mixed precision with a budget of one op: its
+    float_ops table (or, when the search fails, the failure's finding, which holds the same
+    paths), and what the pure lowering missed: {"as_is", "first_off"} (empty when it passed)."""
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", [{
+        "name": "m", "task": task, "checkpoint": {"synthetic": "tiny", "seed": seed}, "graphs": [graph],
+        "calibration": {"samples": 4},
+        "targets": {"bm1684x": {"precisions": ["INT8"], "mixed_precision": "auto", "max_float_layers": 1}}}], root)
+    doit(cfg, check=False, timeout=1800)
+    table_file = root / f"m/BM1684X/{graph}_bm1684x_int8_1b.bmodel.float_ops.json"
+    if table_file.exists():
+        table = json.loads(table_file.read_text())
+        return table, {"as_is": table["accuracy"].get("as_is", ""),
+                       "first_off": table["accuracy"].get("localized", {}).get("first_off")}
+    finding = json.loads((root / f".state/failed/float_ops__m.{graph}.bm1684x.INT8.1b.json").read_text())["finding"]
+    return finding, {"as_is": finding["as_is"], "first_off": finding["first_off"]}
+
+
 @pytest.mark.tpu_mlir
 def test_int8_keeps_the_additive_masks_in_f32(tmp_path):
     """The caption step decoder adds -1e9 to the end token's logit before the minimum length. One
@@ -270,19 +289,8 @@ def test_int8_keeps_the_additive_masks_in_f32(tmp_path):
     outright; what the cell then misses or passes is measured on real logits."""
     import re
 
-    root = tmp_path / "artifacts"
-    cfg = write_config(tmp_path / "models.yaml", [{
-        "name": "c", "task": "captioning", "checkpoint": {"synthetic": "tiny", "seed": 1}, "graphs": ["blip_cap_step"],
-        "calibration": {"samples": 4},
-        "targets": {"bm1684x": {"precisions": ["INT8"], "mixed_precision": "auto", "max_float_layers": 1}}}], root)
-    doit(cfg, check=False, timeout=1800)
-    table_file = root / "c/BM1684X/blip_cap_step_bm1684x_int8_1b.bmodel.float_ops.json"
-    if table_file.exists():
-        table = json.loads(table_file.read_text())
-        as_is = table["accuracy"].get("as_is", "")
-    else:
-        table = json.loads((root / ".state/failed/float_ops__c.blip_cap_step.bm1684x.INT8.1b.json").read_text())["finding"]
-        as_is = table["as_is"]
+    table, localized = _int8_step_table(tmp_path, "captioning", "blip_cap_step", 1)
+    as_is = localized["as_is"]
     penalty = "/Add_output_0_Add"  # logits + the end-token penalty, read by the ArgMax
     assert penalty in table["mask_path"] and "next_ids_ArgMax" in table["integer_path"] + table["mask_path"]
     assert set(table["integer_path"] + table["mask_path"]) <= set(table["float_ops"])
@@ -296,20 +304,8 @@ def test_int8_keeps_a_fused_masked_attention_whole_in_f32(tmp_path):
     the quantize table's mask Add and Softmax entries then miss: the answer decoder's INT8
     cross-attention parted from the float one on the question's mask. Keeping the projection keeps
     the fused op in F32, so the lowering's first op off is no longer inside an attention."""
-    root = tmp_path / "artifacts"
-    cfg = write_config(tmp_path / "models.yaml", [{
-        "name": "v", "task": "vqa", "checkpoint": {"synthetic": "tiny", "seed": 2}, "graphs": ["blip_vqa_tdec_step"],
-        "calibration": {"samples": 4},
-        "targets": {"bm1684x": {"precisions": ["INT8"], "mixed_precision": "auto", "max_float_layers": 1}}}], root)
-    doit(cfg, check=False, timeout=1800)
-    table_file = root / "v/BM1684X/blip_vqa_tdec_step_bm1684x_int8_1b.bmodel.float_ops.json"
-    if table_file.exists():
-        table = json.loads(table_file.read_text())
-        first_off = table["accuracy"].get("localized", {}).get("first_off")
-    else:
-        table = json.loads((root / ".state/failed/float_ops__v.blip_vqa_tdec_step.bm1684x.INT8.1b.json").read_text())
-        table = table["finding"]
-        first_off = table["first_off"]
+    table, localized = _int8_step_table(tmp_path, "vqa", "blip_vqa_tdec_step", 2)
+    first_off = localized["first_off"]
     layers = "/text_decoder/bert/encoder/layer."
     assert {f"{layers}{i}/{block}/output/dense/Add_output_0_Add" for i in (0, 1)
             for block in ("attention", "crossattention")} <= set(table["mask_path"])
