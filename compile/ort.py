@@ -14,7 +14,6 @@ from pathlib import Path
 
 from buildplan.core import GateError, Node, Setting, StageError
 from buildplan.toolchains import Toolchain, installed_versions, memoised, short_sha
-
 from compile.acceptance import (ACCEPT, DECODER_GATES, accept, accept_tokens, calibration_inputs, calibration_samples,
                                 gate_inputs, gate_samples, onnx_runs, token_gate)
 from export.specs import GRAPHS

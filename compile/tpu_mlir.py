@@ -80,6 +80,9 @@ HOWTO = (f"run ./bootstrap.sh (installs TPU-MLIR {VERSION} into ~/.cache/blipc o
 # cosine, euclidean similarity thresholds for model_deploy --tolerance, per precision.
 DEPLOY_TOLERANCE = {"F32": "0.99,0.90", "F16": "0.95,0.85", "BF16": "0.95,0.80", "INT8": "0.80,0.50"}
 TRANSFORM_TOLERANCE = "0.99,0.99"
+# Our acceptance (compile/acceptance.py) of each compiled graph comes on top of TPU-MLIR's own
+# comparisons, which pair tensors by name and pass vacuously when lowering renamed an output
+# (blip_itm: `itm_score_Gather_slice` in the top MLIR, `itm_score_Gather` after lowering: "0 compared").
 
 
 def lowering_tolerance(precision: str, sole_check: bool) -> str:
@@ -89,9 +92,6 @@ def lowering_tolerance(precision: str, sole_check: bool) -> str:
     error needs the outputs, which model_deploy deletes.)"""
     cosine, euclid = DEPLOY_TOLERANCE[precision].split(",")
     return f"{max(float(cosine), ACCEPT[precision][0])},{euclid}" if sole_check else DEPLOY_TOLERANCE[precision]
-# Our acceptance (compile/acceptance.py) of each compiled graph comes on top of TPU-MLIR's own
-# comparisons, which pair tensors by name and pass vacuously when lowering renamed an output
-# (blip_itm: `itm_score_Gather_slice` in the top MLIR, `itm_score_Gather` after lowering: "0 compared").
 
 
 # --- toolchain ---------------------------------------------------------------------------
