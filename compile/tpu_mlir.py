@@ -262,21 +262,21 @@ def _declare_combined(plan, model, graph: str, target, precision: str, parts: li
     """One bmodel with every batch size's stage of `graph` at `precision`, largest first (the
     runtime sizes a net's input buffers by its first stage), validated batch by batch."""
     parts = sorted(parts, key=lambda n: -n.params["batch"])
-    files = []
+    files, deps = [], []
     for part in parts:
         transform, simplified = part.deps[0], part.deps[1]
-        real = [plan.nodes[d].outputs["calibration_set"] for d in part.deps if plan.nodes[d].stage == "calibration_set"]
+        real = [d for d in part.deps if plan.nodes[d].stage == "calibration_set"]  # a gate's real-data samples
+        deps += [part.id, transform, simplified, *real]
         files.append({"batch": part.params["batch"], "bmodel": part.outputs["bmodel"],
                       "test_input": plan.nodes[transform].outputs["test_input"],
                       "reference": plan.nodes[simplified].outputs["reference"], "onnx": plan.nodes[simplified].outputs["onnx"],
-                      **({"calibration_set": real[0]} if real else {})})
+                      **({"calibration_set": plan.nodes[real[0]].outputs["calibration_set"]} if real else {})})
     first = parts[0].params
     plan.add(Node(
         id=f"combine:{model.name}.{graph}.{target.name}.{precision}", stage="combine", model=model.name,
         outputs={"bmodel": combined_path(model.name, graph, target.name, precision, [f["batch"] for f in files])},
         action="compile.tpu_mlir:run_combine", toolchain=NAME,
-        deps=tuple(dict.fromkeys(d for part in parts for d in (part.id, *part.deps[:2], *(
-            d for d in part.deps if plan.nodes[d].stage == "calibration_set")))),
+        deps=tuple(dict.fromkeys(deps)),
         params={**{k: v for k, v in first.items() if k not in ("batch", "mixed_precision", "tolerance")}, "parts": files},
         labels={"graph": graph, "batch": [f["batch"] for f in files], "target": target.name, "precision": precision}),
         f"compile:{target.name}")
@@ -544,17 +544,21 @@ def _fused_attention_names(graph: list[dict], masks: set) -> list[str]:
     for g in graph:
         for name in g["inputs"]:
             readers.setdefault(name, []).append(g)
+
+    def sole_reader(g: dict) -> dict | None:
+        found = readers.get(g["node"], [])
+        return found[0] if len(found) == 1 else None
+
     named = []
     for softmax in (g for g in graph if g["op"] == "Softmax" and g["node"] in masks):
-        op = softmax
-        while len(readers.get(op["node"], ())) == 1:  # probs.v, the heads merged back, the projection
-            op = readers[op["node"]][0]
-            if op["op"] == "MatMul" and op is not readers[softmax["node"]][0]:
-                if op["node"] not in masks:
-                    named.append(op["node"])
-                break
-            if op["op"] not in ("MatMul", "Reshape", "Permute"):
-                break
+        op = sole_reader(softmax)  # probs.v
+        if op is None or op["op"] != "MatMul":
+            continue
+        op = sole_reader(op)
+        while op is not None and op["op"] in ("Reshape", "Permute"):  # the heads merged back
+            op = sole_reader(op)
+        if op is not None and op["op"] == "MatMul" and op["node"] not in masks:  # the output projection
+            named.append(op["node"])
     return named
 
 
