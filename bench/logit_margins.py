@@ -23,8 +23,8 @@ def margins(onnx_file: str, graph: str, arch: str, inputs: int) -> list[float]:
     import onnxruntime as ort
 
     from compile.acceptance import GATE_SEED
-    from export.decoding import loop_settings
-    from export.presets import PAD_ID, SEP_ID, resolve_dims
+    from export.decoding import greedy_loop, loop_settings
+    from export.presets import resolve_dims
     from export.samples import make_inputs
     from export.specs import GRAPHS
 
@@ -37,17 +37,18 @@ def margins(onnx_file: str, graph: str, arch: str, inputs: int) -> list[float]:
     loop = loop_settings(spec, dims)
     gaps = []
     for i in range(inputs):
-        feeds = make_inputs(spec, dims, 1, seed=GATE_SEED + i, full_row=False)
-        ids = np.full((1, loop["length"]), PAD_ID, dtype=np.int64)
-        ids[:, :len(loop["prompt_ids"])] = loop["prompt_ids"]
-        for t in range(len(loop["prompt_ids"]) - 1, loop["length"] - 1):
-            scores = session.run(None, {**feeds, loop["ids_name"]: ids})[-1].reshape(loop["length"], -1)[t]
-            real = scores[scores > -1e8]
-            best, second = np.sort(scores)[-2:][::-1]
-            gaps.append(float((best - second) / np.sqrt(np.mean(real ** 2))))
-            ids[0, t + 1] = int(np.argmax(scores))
-            if ids[0, t + 1] == SEP_ID:
-                break
+        calls = []  # each step call's scores; call k decides position len(prompt) - 1 + k
+
+        def step(feeds, calls=calls):
+            next_ids, scores = session.run(None, feeds)
+            calls.append(scores.reshape(loop["length"], -1))
+            return next_ids
+
+        greedy_loop(step, make_inputs(spec, dims, 1, seed=GATE_SEED + i, full_row=False), **loop)
+        for k, scores in enumerate(calls):
+            decided = scores[len(loop["prompt_ids"]) - 1 + k]
+            best, second = np.sort(decided)[-2:][::-1]
+            gaps.append(float((best - second) / np.sqrt(np.mean(decided[decided > -1e8] ** 2))))
     return gaps
 
 

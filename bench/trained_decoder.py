@@ -67,23 +67,18 @@ def batches(folder: Path, task: str, dims: dict) -> dict:
     import torch
     from transformers import BertTokenizer
 
-    from export.calibration_set import pixels
+    from export.calibration_set import decoder_ids, pixels
     from export.datasets import image_files, read_texts
     from export.presets import ENC_ID
 
     files = image_files(str(folder / "images"))
     texts = read_texts(str(folder / ("captions.txt" if task == "captioning" else "questions.txt")))[:len(files)]
     tokenizer = BertTokenizer.from_pretrained(str(folder / "tokenizer"))
-    loop = dims["caption" if task == "captioning" else "vqa_answer"]
-    prompt = list(loop["prompt_ids"])
-    ids = np.full((len(files), loop["max_length"]), tokenizer.pad_token_id, dtype=np.int64)
-    for row, (text, answer) in enumerate(texts):
-        target = text if task == "captioning" else answer
-        tokens = (prompt + tokenizer.encode(target, add_special_tokens=False) + [tokenizer.sep_token_id])[:loop["max_length"]]
-        ids[row, :len(tokens)] = tokens
+    decoding = dims["caption" if task == "captioning" else "vqa_answer"]
+    ids = decoder_ids(decoding, tokenizer, [text if task == "captioning" else answer for text, answer in texts])
     mask = (ids != tokenizer.pad_token_id).astype(np.int64)
     labels = np.where(mask == 1, ids, -100)
-    labels[:, :len(prompt)] = -100  # the prompt is given, not learnt
+    labels[:, :len(decoding["prompt_ids"])] = -100  # the prompt is given, not learnt
     data = {"pixel_values": pixels(list(files), dims["image_size"])}
     if task == "captioning":
         data.update(input_ids=ids, attention_mask=mask, labels=labels)

@@ -98,7 +98,7 @@ def run(node: Node, ctx) -> dict:
         encoded = tokenizer([t for t, _ in lines], padding="max_length", truncation=True, max_length=dims["text_len"])
         raw["text_ids"] = np.asarray(encoded["input_ids"], dtype=np.int64)
         raw["text_mask"] = np.asarray(encoded["attention_mask"], dtype=np.int64)
-        feeds = _feeds(spec, raw, sessions, dims, bs, tokenizer, lines)
+        feeds = _feeds(spec, raw, sessions, dims, tokenizer, lines)
         for name, value in feeds.items():
             if list(value.shape) != shapes[name]:
                 raise StageError(f"calibration sample {i}: {name} has shape {list(value.shape)}, {spec.name} wants {shapes[name]}")
@@ -108,26 +108,31 @@ def run(node: Node, ctx) -> dict:
                             "producers": list(p["producers"])}}
 
 
-def _feeds(spec, raw: dict, sessions: dict, dims: dict, bs: int, tokenizer, lines) -> dict:
-    """One sample's inputs of `spec`, computing feature inputs with their producing graphs."""
+def decoder_ids(decoding: dict, tokenizer, targets: list[str]):
+    """[len(targets), max_length] token ids as a decoder reads a caption or answer: the decoding
+    prompt, the target's words, [SEP], then padding (cut at max_length)."""
     import numpy as np
 
+    length = decoding["max_length"]
+    ids = np.full((len(targets), length), tokenizer.pad_token_id, dtype=np.int64)
+    for row, target in enumerate(targets):
+        tokens = list(decoding["prompt_ids"]) + tokenizer.encode(target, add_special_tokens=False) + [tokenizer.sep_token_id]
+        ids[row, : min(length, len(tokens))] = tokens[:length]
+    return ids
+
+
+def _feeds(spec, raw: dict, sessions: dict, dims: dict, tokenizer, lines) -> dict:
+    """One sample's inputs of `spec`, computing feature inputs with their producing graphs."""
     feeds = {}
     for t in spec.inputs:
         if t.sample in ("image", "text_ids", "text_mask"):
             feeds[t.name] = raw[t.sample]
         elif t.sample == "decoder_ids":
-            decoding = dims[spec.decoding]
-            length = decoding["max_length"]
-            ids = np.full((bs, length), tokenizer.pad_token_id, dtype=np.int64)
-            for row, (text, answer) in enumerate(lines):
-                target = answer if spec.task == "vqa" else text
-                tokens = list(decoding["prompt_ids"]) + tokenizer.encode(target, add_special_tokens=False) + [tokenizer.sep_token_id]
-                ids[row, : min(length, len(tokens))] = tokens[:length]
-            feeds[t.name] = ids
+            feeds[t.name] = decoder_ids(dims[spec.decoding], tokenizer,
+                                        [answer if spec.task == "vqa" else text for text, answer in lines])
         else:  # a feature another graph computes
             source = GRAPHS[producer_of(t.name, spec.task)]
-            inputs = _feeds(source, raw, sessions, dims, bs, tokenizer, lines)
+            inputs = _feeds(source, raw, sessions, dims, tokenizer, lines)
             session = sessions[source.name]
             feeds[t.name] = session.run([t.name], {i.name: inputs[i.name] for i in source.inputs})[0]
     return feeds
