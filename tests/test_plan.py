@@ -36,6 +36,19 @@ def test_default_matrix_counts():
         "compile:ascend310p3", "compile:bm1684", "compile:bm1684x", "compile:bm1688", "compile:cpu"]
 
 
+def test_the_full_matrix_searches_mixed_precision_in_every_cell_below_f32():
+    """models.full.yaml says so. Its unrolled decoders' INT8 cells on the SOPHGO chips were left
+    out, on the belief that each decoding step would crash anew; keeping the one op that crashes
+    (the first step's `Max`) in F32 compiles them."""
+    plan = build_plan(config.load(REPO / "models.full.yaml"))
+    cells = [n for n in plan.nodes.values() if n.stage in ("bmodel", "ort")]
+    assert len(cells) == 104
+    unmixed = [n.id for n in cells if n.params["precision"] != "F32" and n.params.get("mixed_precision") != "auto"]
+    assert unmixed == []
+    searched = {d for n in cells for d in n.deps if d.startswith(("float_ops:", "float_layers:"))}
+    assert len(searched) == sum(n.params["precision"] != "F32" for n in cells)
+
+
 def test_matrix_scales_with_declaration(tmp_path):
     models = [{"name": "m", "task": "retrieval", "checkpoint": {"synthetic": "tiny"},
                "targets": {"ascend310p3": {"graphs": ["BLIP_text", "BLIP_image"], "batch_sizes": [1, 2, 3]},
