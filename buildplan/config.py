@@ -28,6 +28,15 @@ BATCH_SIZES = (1, 1024)  # the allowed range
 DEFAULT_BATCH_SIZES = (1,)
 SAMPLES = (1, 10000)  # calibration samples: the allowed range
 DEFAULT_SAMPLES = 8
+# A model's `calibration` block: each field with what it holds (`samples` is a count, the others paths).
+CALIBRATION_FIELDS = {
+    "samples": "how many samples calibrate an INT8 table; with images and texts, a decoder gate runs on the first 10",
+    "data": "a folder of .npz samples keyed by input name",
+    "images": "a folder of images, preprocessed as BLIP does",
+    "texts": "a file of captions or questions, one per line (VQA: `question<TAB>answer` also calibrates the "
+             "answer decoder)",
+    "tokenizer": "a folder with BERT's vocab.txt (default: the checkpoint folder)",
+}
 DEFAULT_ARTIFACTS = "artifacts"
 # What a models.yaml may be: a few KB, a few hundred nodes. Far above any real one, far below
 # what hurts (a 600-byte alias bomb expanded to 8 GB).
@@ -426,7 +435,7 @@ def _model(c: _Checker, raw, path: str, base_dir: Path) -> Model:
                 declared[artifact] = where
             targets.append(target)
     targets = tuple(targets)
-    cal = c.mapping(m.get("calibration", {}), f"{path}.calibration", ("samples", "data", "images", "texts", "tokenizer"))
+    cal = c.mapping(m.get("calibration", {}), f"{path}.calibration", tuple(CALIBRATION_FIELDS))
     samples = c.typed(cal.get("samples", DEFAULT_SAMPLES), f"{path}.calibration.samples", int, "an integer")
     if not SAMPLES[0] <= samples <= SAMPLES[1]:
         c.fail(f"{path}.calibration.samples", f"{samples} is out of range", f"use {SAMPLES[0]}..{SAMPLES[1]}")

@@ -13,7 +13,8 @@ import sys
 from buildplan import files
 from buildplan.backends import registry
 from buildplan.cache import MODES
-from buildplan.config import BATCH_SIZES, CHANNEL_PATTERN, DEFAULT_CHANNEL, DEFAULT_ARTIFACTS, DEFAULT_BATCH_SIZES, DEFAULT_SAMPLES, NAME_PATTERN, SAMPLES
+from buildplan.config import (BATCH_SIZES, CALIBRATION_FIELDS, CHANNEL_PATTERN, DEFAULT_ARTIFACTS, DEFAULT_BATCH_SIZES,
+                              DEFAULT_CHANNEL, DEFAULT_SAMPLES, NAME_PATTERN, SAMPLES)
 from buildplan.core import FLAG_PATTERN, Setting
 from buildplan.files import LAYOUT_DIRS
 from export.presets import ARCHS, TASKS
@@ -89,13 +90,9 @@ def schema() -> dict:
             "image_size": {"type": "integer", "minimum": 1},
             "graphs": {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": graph_names}},
             "calibration": {"type": "object", "additionalProperties": False, "properties": {
-                "samples": {"type": "integer", "minimum": SAMPLES[0], "maximum": SAMPLES[1], "default": DEFAULT_SAMPLES},
-                "data": {"type": "string", "description": "a folder of .npz samples keyed by input name"},
-                "images": {"type": "string", "description": "a folder of images, preprocessed as BLIP does"},
-                "texts": {"type": "string", "description": "a file of captions or questions, one per line "
-                          "(VQA: `question<TAB>answer` also calibrates the answer decoder)"},
-                "tokenizer": {"type": "string", "description": "a folder with BERT's vocab.txt (default: the "
-                              "checkpoint folder)"}}},
+                field: {"description": what, **({"type": "integer", "minimum": SAMPLES[0], "maximum": SAMPLES[1],
+                                                 "default": DEFAULT_SAMPLES} if field == "samples" else {"type": "string"})}
+                for field, what in CALIBRATION_FIELDS.items()}},
             "targets": {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": targets},
         },
     }
