@@ -217,11 +217,12 @@ def declare(plan, model, dims: dict, target, exported) -> None:
 
 
     if settings["task_bundle"]:
-        _declare_bundles(plan, model, dims, target, cells)
+        _declare_bundles(plan, model, dims, target, cells, exported)
 
 
-def _declare_bundles(plan, model, dims: dict, target, cells: dict) -> None:
-    """Per precision and batch size, one bmodel with every net of the model's task."""
+def _declare_bundles(plan, model, dims: dict, target, cells: dict, exported) -> None:
+    """Per precision and batch size, one bmodel with every net of the model's task, checked on the
+    model's images and texts where it has them (each net's samples give the task's raw inputs)."""
     nets = TASK_BUNDLES.get(model.task)
     missing = [g for g in nets or () if g not in target.graphs]
     if nets is None or missing:
@@ -232,15 +233,17 @@ def _declare_bundles(plan, model, dims: dict, target, cells: dict) -> None:
     for precision in target.settings["precisions"]:
         for bs in target.batch_sizes:
             parts = [cells[(g, precision, bs)] for g in nets]
+            real = {g: gate_samples(model, exported, g, bs) for g in nets}
             files = {g: {"bmodel": n.outputs["bmodel"], **{role: plan.nodes[n.deps[1]].outputs[role]
-                                                            for role in ("onnx", "reference")}}
+                                                            for role in ("onnx", "reference")},
+                         **({"calibration_set": plan.nodes[real[g]].outputs["calibration_set"]} if real[g] else {})}
                      for g, n in zip(nets, parts, strict=True)}
             last = parts[-1].params
             plan.add(Node(
                 id=f"bundle:{model.name}.{target.name}.{precision}.{bs}b", stage="bundle", model=model.name,
                 outputs={"bmodel": bundle_path(model.name, model.task, target.name, precision, bs)},
                 action="compile.tpu_mlir:run_bundle", toolchain=NAME,
-                deps=tuple(dict.fromkeys(d for n in parts for d in (n.id, n.deps[1]))),
+                deps=tuple(dict.fromkeys([d for n in parts for d in (n.id, n.deps[1])] + [r for r in real.values() if r])),
                 params={"task": model.task, "chip": target.name, "precision": precision, "batch": bs, "files": files,
                         "chain": task_chain(model.task), "loop": last["loop"], "simulate": last["simulate"],
                         "device_memory_mb": last["device_memory_mb"], "dims": dims,
@@ -826,7 +829,8 @@ def run_bundle(node: Node, ctx) -> dict:
     """model_tool --combine of the task's bmodels, then the task run from that one file on the
     cmodel, graph after graph and the greedy loop, against the same chain on the ONNX graphs:
     every token equal in F32 (and under decoder_gate: exact), else the share of identical
-    sequences of the agreement rule over GATE_LOOPS inputs."""
+    sequences of the agreement rule over GATE_LOOPS inputs (the model's first images and texts,
+    when it has them, under either rule)."""
     import json
 
     import numpy as np
@@ -834,7 +838,7 @@ def run_bundle(node: Node, ctx) -> dict:
     from compile.acceptance import GATE_LOOPS, GATE_SEED
     from export.decoding import task_loop
     from export.reference import read_io
-    from export.samples import make_inputs, pack
+    from export.samples import make_inputs, pack, unpack
 
     p = node.params
     work = ctx.workdir()
@@ -846,16 +850,29 @@ def run_bundle(node: Node, ctx) -> dict:
     result = {"sizes": {"bundle_bytes": (work / name).stat().st_size, "separate_bytes": separate},
               "device_memory": device, "nets": list(p["files"]), "simulated": bool(p["simulate"])}
     if p["simulate"]:
-        # The data a task starts from: pixels, and text where it takes any, from each graph's reference
-        # sample first, then seeded ones for the agreement rule.
+        # The data a task starts from: pixels, and text where it takes any. From the model's images
+        # and texts when it has them (every net's samples, made as BLIP makes its inputs; up to
+        # GATE_LOOPS of them, whatever the rule); else each graph's reference sample first, then
+        # seeded ones for the agreement rule.
         count = 1 if p["min_share"] == 1.0 else GATE_LOOPS
+        real = {}
+        for graph, f in p["files"].items():
+            if "calibration_set" in f:
+                with np.load(ctx.path(f["calibration_set"])) as z:
+                    real[graph] = unpack(z)
+        if real:
+            count = min(GATE_LOOPS, *(len(s) for s in real.values()))
         samples = []
         for i in range(count):
             raw = {}
             for graph, f in p["files"].items():
                 spec = GRAPHS[graph]
-                inputs = read_io(ctx.path(f["reference"]))[0] if i == 0 else \
-                    make_inputs(spec, p["dims"], p["batch"], seed=GATE_SEED + i, full_row=False)
+                if graph in real:
+                    inputs = real[graph][i]
+                elif i == 0:
+                    inputs = read_io(ctx.path(f["reference"]))[0]
+                else:
+                    inputs = make_inputs(spec, p["dims"], p["batch"], seed=GATE_SEED + i, full_row=False)
                 raw.update({t.sample: inputs[t.name] for t in spec.inputs
                             if t.sample in ("image", "text_ids", "text_mask") and t.sample not in raw})
             samples.append(raw)
@@ -877,7 +894,7 @@ def run_bundle(node: Node, ctx) -> dict:
             got = [z[f"{i}/loop"] for i in range(count)]
         identical = sum(bool(np.array_equal(w, g)) for w, g in zip(want, got, strict=True)) / count
         result["figures"] = {"task_vs_onnx": {"samples": count, "identical_sequences": identical,
-                                              "min_share": p["min_share"]}}
+                                              "min_share": p["min_share"], **({"real_data": True} if real else {})}}
         result["acceptance"] = "task_vs_onnx"
         if identical < p["min_share"]:
             raise GateError(f"the {p['task']} task from {name}: {identical:.0%} of {count} greedy sequences equal the "

@@ -186,3 +186,21 @@ def test_decoder_gates_run_on_the_real_samples(tmp_path):
     plan = build_plan(config.load(write_config(tmp_path / "alone.yaml", [alone], root)))
     gate = plan.nodes["bmodel:vqa.blip_vqa_tdec_step.bm1684x.F16.1b"].params["token_gate"]
     assert "real_data" not in gate and not [n for n in plan.nodes if n.startswith("calibration_set:")]
+
+
+@pytest.mark.tpu_mlir
+def test_a_task_bundle_is_checked_on_the_real_samples(tmp_path):
+    """With images and texts, the whole task run from one bundle file starts from the model's own
+    images and questions (each net's samples give its raw inputs), not from the reference sample:
+    in F32 every token of both declared samples' answers equals the ONNX graphs' (on synthetic
+    data, one input)."""
+    from buildplan.plan import build_plan
+
+    images, texts, vocab = _data(tmp_path)
+    root = tmp_path / "artifacts"
+    cfg = write_config(tmp_path / "models.yaml", [_model(images, texts, vocab, {"bm1684x": {"task_bundle": True}})], root)
+    bundle = build_plan(config.load(cfg)).nodes["bundle:vqa.bm1684x.F32.1b"]
+    assert {f"calibration_set:vqa.{g}.1b" for g in ("blip_vqa_venc", "blip_vqa_tenc", "blip_vqa_tdec_step")} <= set(bundle.deps)
+    doit(cfg, "bundle:vqa.bm1684x.F32.1b", timeout=1500)
+    figures = json.loads((root / ".state/bundle__vqa.bm1684x.F32.1b.json").read_text())["figures"]["task_vs_onnx"]
+    assert figures == {"samples": 2, "identical_sequences": 1.0, "min_share": 1.0, "real_data": True}

@@ -17,12 +17,15 @@ def test_default_matrix_counts():
     cfg = config.load(REPO / "models.yaml")
     plan = build_plan(cfg)
     stages = collections.Counter(n.stage for n in plan.nodes.values())
-    # retrieval: 4 Ascend graphs x 6 bs OMs; blip_itm 2 + 3 + 3 precisions; captioning's three
-    # graphs F32 on 3 chips; vqa: venc 2 + 4 + 2 precisions, tenc 1 + 3 + 1, tdec and tdec_step 3 each.
+    # retrieval: 4 Ascend graphs x 6 bs OMs; blip_itm 2 + 4 + 4 precisions (bm1684, bm1684x,
+    # bm1688); captioning: venc 2 + 4 + 4, step 1 + 2 + 2 (F32, F16), the unrolled decoder F32 on 3
+    # chips; vqa: venc and tenc 2 + 4 + 4 each, tdec_step 1 + 2 + 1, tdec F32 on 3 chips.
     assert stages["om"] == 4 * 6
-    assert stages["bmodel"] == (2 + 3 + 3) + 3 * 3 + (2 + 4 + 2) + (1 + 3 + 1) + 3 + 3
+    assert stages["bmodel"] == 10 + (10 + 5 + 3) + (10 + 10 + 4 + 3)
     assert stages["transform"] == 8  # the eight SOPHGO graphs at bs1, each shared by every chip and precision
-    assert stages["calibrate"] == 2  # blip_itm and blip_vqa_venc (INT8 somewhere)
+    assert stages["calibrate"] == 4  # blip_itm, blip_cap_venc, blip_vqa_venc, blip_vqa_tenc (INT8 somewhere)
+    # mixed below F32: blip_itm and blip_vqa_tenc on bm1684x and bm1688 (F16, BF16, INT8)
+    assert stages["float_ops"] == 2 * 2 * 3
     assert stages["simplify"] == 4 * 6 + 8
     assert stages["onnx"] == stages["checkpoint"] == 3
     # cpu (ONNX Runtime): retrieval 5 graphs x F32+INT8; captioning venc x 2 + 2 decoders; vqa venc
