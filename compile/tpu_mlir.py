@@ -472,8 +472,12 @@ def _top_tensors(ctx, work: Path) -> Path:
     return work / "top_tensors.npz"
 
 
-# The largest integer each precision holds exactly (INT8: its quantized range).
-EXACT_INTEGERS = {"F16": 2048, "BF16": 256, "INT8": 127}
+# The largest integer each precision holds exactly. INT8 none: it scales each tensor by the range
+# calibration saw, so ids and flags keep their values only by luck (an answer's ids, [SEP] 102
+# among them, share a scale with ids up to 30522; on bm1684 blip_cap's `1 - finished` flags came
+# out at cosine 0.0), and lowered, an unrolled decoder's flag ops crashed model_deploy at every
+# decoding step in turn (bm1684: `Equal`, `Mul`; bm1684x: the first `Max`).
+EXACT_INTEGERS = {"F16": 2048, "BF16": 256, "INT8": None}
 
 
 def _calibrated_ranges(table: str) -> dict[str, float]:
@@ -492,9 +496,10 @@ def _calibrated_ranges(table: str) -> dict[str, float]:
 def kept_outright(ctx, p: dict) -> dict[str, list[str]]:
     """The ops p's precision cannot carry, whatever the calibration or tolerance, kept in F32
     without spending the budget:
-    - `integer_path`: outputs that are whole numbers beyond what the precision holds exactly,
-      on the reference input: token ids and positions (an unrolled decoder's ArgMax, the ids it
-      concatenates). Lowered, 30522 rounds to 30528 and the embedding lookup takes another word.
+    - `integer_path`: outputs that are whole numbers beyond what the precision holds exactly
+      (INT8: any), on the reference input: token ids, positions and flags (an unrolled decoder's
+      ArgMax, the ids it concatenates, its finished flags). Lowered, 30522 rounds to 30528 and
+      the embedding lookup takes another word.
     - `mask_path` (INT8): ops that produce or read an additive mask, values of MASK_MAGNITUDE or
       more on the reference input or in the calibration table: one INT8 scale over -1e9 and a
       logit of 15 makes every logit 0 (the step decoders' blocked end token), one over -10000
@@ -514,7 +519,7 @@ def kept_outright(ctx, p: dict) -> dict[str, list[str]]:
             t = tensors[g["node"]]
             if not t.size or not np.issubdtype(t.dtype, np.floating):
                 continue
-            if np.abs(t).max() > limit and np.all(t == np.round(t)):
+            if np.all(t == np.round(t)) and (limit is None or np.abs(t).max() > limit):
                 integers.append(g["node"])
             magnitude[g["node"]] = float(np.abs(t).max())
     shutil.rmtree(work, ignore_errors=True)
@@ -532,7 +537,7 @@ def kept_outright(ctx, p: dict) -> dict[str, list[str]]:
 
 
 # What kept_outright keeps, each with why (for the log).
-OUTRIGHT = {"integer_path": "carry whole numbers beyond {limit} (token ids, positions)",
+OUTRIGHT = {"integer_path": "carry whole numbers{beyond} (token ids, positions, flags)",
             "mask_path": "produce or read additive masks"}
 
 
@@ -674,7 +679,8 @@ def run_float_search(node: Node, ctx) -> dict:
     unbudgeted = [op for path in OUTRIGHT for op in outright[path]]
     for path, what in OUTRIGHT.items():
         if outright[path]:
-            ctx.log(f"mixed precision: {len(outright[path])} ops {what.format(limit=EXACT_INTEGERS[p['precision']])}: kept in F32 "
+            limit = EXACT_INTEGERS[p["precision"]]
+            ctx.log(f"mixed precision: {len(outright[path])} ops {what.format(beyond=f' beyond {limit}' if limit else '')}: kept in F32 "
                     f"outright: {', '.join(outright[path])}")
     count, kept, steps = [0], list(unbudgeted), []
     while not _compiles(ctx, p, kept, count):

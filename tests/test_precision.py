@@ -173,6 +173,30 @@ def test_a_toolchain_crash_names_its_op_and_mixed_precision_compiles_around_it(t
     assert executed(doit(cfg)) == []
 
 
+@pytest.mark.tpu_mlir
+def test_int8_keeps_an_unrolled_decoders_ids_and_finished_flags_in_f32_outright(tmp_path):
+    """blip_vqa_tdec in INT8 on bm1684: every decoding step compares the new id with [SEP] and
+    updates the finished flags (whole numbers, 0 or 1, and ids within 127 such as [SEP] itself).
+    INT8 scales them by calibrated ranges; lowered, model_deploy crashed at the first step's
+    comparison, and once that was in F32 at the next one's. Kept in F32 outright, as token ids
+    are, the decoder compiles at once: no crash to search."""
+    from compile.tpu_mlir import top_ops
+
+    root = tmp_path / "artifacts"
+    target = {"precisions": ["INT8"], "mixed_precision": "auto", "max_float_layers": 1, "simulate": False,
+              "check_lowering": False}
+    cfg = write_config(tmp_path / "models.yaml", [{
+        "name": "v", "task": "vqa", "checkpoint": {"synthetic": "tiny", "seed": 2}, "graphs": ["blip_vqa_tdec"],
+        "calibration": {"samples": 4}, "targets": {"bm1684": target}}], root)
+    doit(cfg, timeout=2400)
+    table = json.loads((root / "v/BM1684/blip_vqa_tdec_bm1684_int8_1b.bmodel.float_ops.json").read_text())
+    assert table["steps"] == [] and table["compiles"] == 1, table["steps"]
+    ops = top_ops((root / "v/tpu_mlir/blip_vqa_tdec_1b/blip_vqa_tdec_1b.mlir").read_text())
+    compares = [name for name, kind in ops if kind == "CompareConst"]
+    assert len(compares) > 1 and set(compares) <= set(table["integer_path"])
+    assert executed(doit(cfg)) == []
+
+
 def _assert_takes_the_searched_build(root, cell: str, table: dict):
     """The search's last passing try built and checked the final table: the bmodel stage takes that
     file instead of compiling and validating it again."""
