@@ -1,7 +1,7 @@
 """models.full.yaml's precision matrix with the decoders trained: the same targets, precisions and
 budgets, the captioning and VQA checkpoints replaced by bench/trained_decoder.py's (the tiny
 synthetic checkpoint of the same seed, trained on 32 images and texts it writes) and their
-agreement gates run on that data (docs/precision.md, "The matrix with trained decoders").
+agreement gates run on that data (docs/precision.md, "The whole matrix with trained decoders").
 
     .venv/bin/python bench/trained_matrix.py OUT_DIR            # train (when absent), write OUT_DIR/models.yaml
     .venv/bin/doit config=OUT_DIR/models.yaml nightly           # the coverage, as for models.full.yaml
