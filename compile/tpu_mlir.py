@@ -841,10 +841,10 @@ def run_bundle(node: Node, ctx) -> dict:
 
     import numpy as np
 
-    from compile.acceptance import GATE_LOOPS, GATE_SEED
+    from compile.acceptance import GATE_LOOPS
     from export.decoding import task_loop
     from export.reference import read_io
-    from export.samples import make_inputs, pack, unpack
+    from export.samples import pack
 
     p = node.params
     work = ctx.workdir()
@@ -860,26 +860,19 @@ def run_bundle(node: Node, ctx) -> dict:
         # and texts when it has them (every net's samples, made as BLIP makes its inputs; up to
         # GATE_LOOPS of them, whatever the rule); else each graph's reference sample first, then
         # seeded ones for the agreement rule.
-        count = 1 if p["min_share"] == 1.0 else GATE_LOOPS
-        real = {}
-        for graph, f in p["files"].items():
-            if "calibration_set" in f:
-                with np.load(ctx.path(f["calibration_set"])) as z:
-                    real[graph] = unpack(z)
-        if real:
-            count = min(GATE_LOOPS, *(len(s) for s in real.values()))
+        real = any("calibration_set" in f for f in p["files"].values())
+        wanted = GATE_LOOPS if real or p["min_share"] < 1.0 else 1
+        per_graph = {graph: gate_inputs(GRAPHS[graph], {"real_data": "calibration_set" in f, "samples": wanted,
+                                                        "dims": p["dims"]}, p["batch"],
+                                        None if "calibration_set" in f else read_io(ctx.path(f["reference"]))[0],
+                                        lambda role, f=f: ctx.path(f[role]))
+                     for graph, f in p["files"].items()}
+        count = min(len(inputs) for inputs in per_graph.values())
         samples = []
         for i in range(count):
             raw = {}
-            for graph, f in p["files"].items():
-                spec = GRAPHS[graph]
-                if graph in real:
-                    inputs = real[graph][i]
-                elif i == 0:
-                    inputs = read_io(ctx.path(f["reference"]))[0]
-                else:
-                    inputs = make_inputs(spec, p["dims"], p["batch"], seed=GATE_SEED + i, full_row=False)
-                raw.update({t.sample: inputs[t.name] for t in spec.inputs
+            for graph, inputs in per_graph.items():
+                raw.update({t.sample: inputs[i][t.name] for t in GRAPHS[graph].inputs
                             if t.sample in ("image", "text_ids", "text_mask") and t.sample not in raw})
             samples.append(raw)
         import onnxruntime as ort
